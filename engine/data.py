@@ -1,0 +1,256 @@
+"""Data: the typed config, samplers and loaders for one rank; data sets themselves live in `engine.datasets`.
+
+Distributed contract: training uses torch's DistributedSampler (shuffled, seeded, drop_last) so every rank takes the
+same number of steps; test and validation use `ShardSampler`, which deals indices rank::world_size without padding,
+so summing correct and total over ranks gives exact metrics. Nothing here imports other engine modules except
+`engine.datasets`, the registry this module was split from.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+from engine.datasets import (
+    DatasetParts,
+    DatasetSource,
+    DataSpec,
+    get_source,
+    list_datasets,
+    parse_options,
+    register_dataset,
+)
+
+__all__ = [
+    "DataConfig",
+    "DataSpec",
+    "Loaders",
+    "ShardSampler",
+    "EpochShuffleSampler",
+    "register_dataset",
+    "list_datasets",
+    "build_loaders",
+    "check_data_available",
+    "stratified_split",
+]
+
+AugmentChoice = Literal["auto", "none", "standard", "autoaugment"]
+
+
+@dataclass
+class DataConfig:
+    """Which data set, where it lives and how it is batched; checked before any worker starts."""
+
+    name: str = "digits"
+    root: str = "data"
+    download: bool = False
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+    num_workers: int = 0
+    image_size: int | None = None
+    augment: AugmentChoice = "auto"
+    val_fraction: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+    pin_memory: bool | None = None
+    persistent_workers: bool = True
+
+    def __post_init__(self) -> None:
+        source = get_source(self.name)
+        if not self.root:
+            raise ValueError("root must be a non-empty path, e.g. data")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be a positive integer or null, got {self.eval_batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size must be a positive integer or null (native size), got {self.image_size}")
+        choices = ("auto",) + source.augments
+        if self.augment not in ("auto", "none", "standard", "autoaugment"):
+            raise ValueError(f"augment must be one of auto, none, standard, autoaugment, got {self.augment!r}")
+        if self.augment not in choices:
+            supported = ", ".join(choices)
+            raise ValueError(f"augment {self.augment!r} is not supported by data set {self.name!r}; use {supported}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        source.check(parse_options(self.name, self.options), self.image_size)
+
+    @property
+    def resolved_augment(self) -> str:
+        """'auto' resolved per data set: standard for natural images, none for digits, MNIST-likes and synthetic."""
+        return get_source(self.name).auto_augment if self.augment == "auto" else self.augment
+
+    @property
+    def resolved_eval_batch_size(self) -> int:
+        """Evaluation batch size; defaults to the training one."""
+        return self.eval_batch_size or self.batch_size
+
+
+@dataclass
+class Loaders:
+    """Everything the trainer reads from the data part. val is None unless val_fraction > 0."""
+
+    train: DataLoader
+    test: DataLoader
+    val: DataLoader | None
+    spec: DataSpec
+    train_sampler: Sampler | None
+
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank + world_size, ... in order, without padding: ranks are disjoint and cover every index once,
+    so metrics summed over ranks are exact (DistributedSampler pads by repeating samples)."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Single-process shuffle whose order depends only on (seed, epoch), like DistributedSampler, so a run resumed
+    at epoch k sees the same order as one that never stopped (a RandomSampler's generator state would be lost)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer at the start of every epoch; without it every epoch repeats the same order."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, held_out) index arrays: round(fraction * n) random samples held out, shared among classes in
+    proportion to their size (largest remainders get the leftover samples, ties broken by the seeded generator)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(targets))
+    shuffled = np.asarray(targets)[order]
+    classes, counts = np.unique(shuffled, return_counts=True)
+    quota = fraction * counts
+    take = np.floor(quota).astype(np.int64)
+    leftover = int(round(fraction * len(targets))) - int(take.sum())
+    by_remainder = np.lexsort((rng.random(len(classes)), -(quota - take)))
+    take[by_remainder[:leftover]] += 1
+    held = [order[shuffled == c][:k] for c, k in zip(classes, take)]
+    held_out = np.sort(np.concatenate(held)) if held else np.empty(0, dtype=np.int64)
+    keep = np.setdiff1d(np.arange(len(targets)), held_out)
+    return keep, held_out
+
+
+def _source(cfg: DataConfig) -> DatasetSource:
+    """Instantiate the registered source with its parsed options."""
+    return get_source(cfg.name)(cfg.root, parse_options(cfg.name, cfg.options))
+
+
+def check_data_available(cfg: DataConfig) -> None:
+    """Run by the launcher before workers start: fetch the data once if data.download is set (so ranks never race to
+    download), then raise a one-line FileNotFoundError naming the path, layout and fix if files are still missing."""
+    source = _source(cfg)
+    if source.missing() and cfg.download and source.downloadable:
+        source.download()
+    message = source.missing()
+    if message:
+        raise FileNotFoundError(message)
+
+
+def _ensure_available(source: DatasetSource, cfg: DataConfig, rank: int, world_size: int) -> None:
+    """Download if asked (rank 0 first when a process group exists), else raise our message, not torchvision's."""
+    if source.missing() and cfg.download and source.downloadable:
+        grouped = world_size > 1 and dist.is_available() and dist.is_initialized()
+        if rank == 0 or not grouped:
+            source.download()
+        if grouped:
+            dist.barrier()
+    message = source.missing()
+    if message:
+        raise FileNotFoundError(message)
+
+
+def _split_train(parts: DatasetParts, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Carve a seeded, stratified validation subset (test-time transform) out of train; train keeps the rest."""
+    if fraction <= 0:
+        return parts.train, None
+    keep, held_out = stratified_split(parts.train_targets, fraction, seed)
+    if len(held_out) == 0 or len(keep) == 0:
+        raise ValueError(
+            f"val_fraction {fraction} leaves {len(held_out)} validation and {len(keep)} training samples; "
+            "choose a fraction that leaves both non-empty"
+        )
+    return Subset(parts.train, keep.tolist()), Subset(parts.train_eval, held_out.tolist())
+
+
+def _loader(dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool, cfg: DataConfig,
+            device: torch.device, worker_seed: int) -> DataLoader:
+    """One DataLoader with the config's worker, pinning and seeding settings."""
+    workers = cfg.num_workers
+    pin = device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=cfg.persistent_workers and workers > 0,
+        generator=torch.Generator().manual_seed(worker_seed),  # seeds worker RNGs (augmentation) reproducibly
+    )
+
+
+def build_loaders(
+    cfg: DataConfig,
+    *,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device = torch.device("cpu"),
+) -> Loaders:
+    """Loaders for this rank. Train drops its last batch only when that batch would hold a single sample (BatchNorm
+    fails on a batch of one); with world_size > 1 DistributedSampler(drop_last=True) also evens out ranks."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    source = _source(cfg)
+    _ensure_available(source, cfg, rank, world_size)
+    parts = source.build(cfg.image_size, cfg.resolved_augment)
+    train_set, val_set = _split_train(parts, cfg.val_fraction, seed)
+    if len(train_set) < world_size:
+        raise ValueError(f"world_size {world_size} exceeds the {len(train_set)} training samples of {cfg.name!r}")
+    train_sampler: Sampler
+    if world_size > 1:
+        train_sampler = DistributedSampler(
+            train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+    else:
+        train_sampler = EpochShuffleSampler(len(train_set), seed)
+    per_rank = len(train_sampler)
+    drop_last = per_rank > 1 and per_rank % cfg.batch_size == 1
+    worker_seed = (seed * 65537 + rank) % (2**63)
+    eval_bs = cfg.resolved_eval_batch_size
+    val_loader = None
+    if val_set is not None:
+        val_loader = _loader(val_set, eval_bs, ShardSampler(len(val_set), rank, world_size), False, cfg, device,
+                             worker_seed)
+    spec = dataclasses.replace(parts.spec, train_size=len(train_set), val_size=len(val_set) if val_set else 0)
+    return Loaders(
+        train=_loader(train_set, cfg.batch_size, train_sampler, drop_last, cfg, device, worker_seed),
+        test=_loader(parts.test, eval_bs, ShardSampler(len(parts.test), rank, world_size), False, cfg, device,
+                     worker_seed),
+        val=val_loader,
+        spec=spec,
+        train_sampler=train_sampler,
+    )

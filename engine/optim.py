@@ -1,0 +1,146 @@
+"""Optimizers and learning-rate schedules.
+
+Schedules are computed per optimizer step from the step index alone (epochs are converted with steps_per_epoch), so
+their whole state is one integer: checkpoints stay plain data and a resumed run continues on the same curve.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer choice and its hyper-parameters; lr is the peak (post-warm-up) learning rate."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    decay_norm_and_bias: bool = True   # false: no weight decay on biases and norm parameters (ViT recipes)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs name: sgd with momentum > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must both be in [0, 1), got {list(self.betas)}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+
+
+@dataclass
+class LRScheduleConfig:
+    """Learning-rate curve over training: constant, step drops, cosine or linear decay, after a linear warm-up."""
+
+    name: Literal["constant", "step", "cosine", "linear"] = "cosine"
+    warmup_epochs: float = 0.0
+    milestones: list[float] = field(default_factory=list)   # epochs at which step drops happen
+    gamma: float = 0.1                                       # step: multiply the lr by gamma at each milestone
+    min_lr: float = 0.0                                      # cosine / linear: the final learning rate
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.name == "step" and not self.milestones:
+            raise ValueError("milestones must list at least one epoch for name: step, e.g. [60, 120]")
+        if sorted(self.milestones) != list(self.milestones):
+            raise ValueError(f"milestones must be increasing, got {self.milestones}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+        if self.min_lr < 0:
+            raise ValueError(f"min_lr must be >= 0, got {self.min_lr}")
+
+
+def _param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """One group, or two when biases and norm parameters are exempt from weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.decay_norm_and_bias:
+        return [{"params": params}]
+    decay = [p for p in params if p.dim() > 1]
+    rest = [p for p in params if p.dim() <= 1]
+    return [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The configured torch optimizer over the model's trainable parameters."""
+    groups = _param_groups(model, cfg)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    kind = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return kind(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: LRScheduleConfig, base_lr: float, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+    """Multiplier of the base lr as a function of the optimizer step."""
+    total = max(1, steps_per_epoch * epochs)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    drops = [round(m * steps_per_epoch) for m in cfg.milestones]
+    floor = cfg.min_lr / base_lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.name == "constant":
+            return 1.0
+        if cfg.name == "step":
+            return cfg.gamma ** sum(step >= d for d in drops)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if cfg.name == "cosine":
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * (1.0 - progress)
+
+    return factor
+
+
+class LRSchedule:
+    """Sets every group's lr to base * factor(step); its state is the step counter alone."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float]) -> None:
+        self.optimizer = optimizer
+        self.factor = factor
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.step_count = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        scale = self.factor(self.step_count)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * scale
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step_count, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step"])
+        self.base_lrs = [float(v) for v in state["base_lrs"]]
+        self._apply()
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: LRScheduleConfig, *, base_lr: float,
+                   steps_per_epoch: int, epochs: int) -> LRSchedule:
+    return LRSchedule(optimizer, lr_factor(cfg, base_lr, steps_per_epoch, epochs))
+

@@ -1,0 +1,99 @@
+"""The whole run's config: one section per component, each owned by that component.
+
+``load_config`` reads YAML, applies dotted overrides and builds the typed tree, so every bad key, type or value fails
+in one line here, in the launcher, before any worker starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import models
+from engine.checkpoint import CheckpointConfig
+from engine.config import apply_overrides, build, read_yaml
+from engine.data import DataConfig
+from engine.monitor import MonitorConfig
+from engine.optim import LRScheduleConfig, OptimConfig
+from engine.parallel import ParallelConfig
+from pruning.methods import MethodConfig
+
+
+@dataclass
+class ModelConfig:
+    """A registered model by name, with that model's own options (checked against its builder)."""
+
+    name: str = "mlp"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        models.check_model_options(self.name, self.options)
+
+
+@dataclass
+class TrainConfig:
+    """The loop itself: length, precision, accumulation, clipping."""
+
+    epochs: int = 10
+    grad_accum_steps: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    clip_grad_norm: float | None = None
+    label_smoothing: float = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool | None = None        # None: deterministic on the CPU, fast kernels on CUDA
+    max_steps_per_epoch: int | None = None   # cut epochs short (smoke runs, benchmarks)
+    eval_every_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be at least 1, got {self.grad_accum_steps}")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ValueError(f"clip_grad_norm must be positive or null, got {self.clip_grad_norm}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be at least 1 or null, got {self.max_steps_per_epoch}")
+        if self.eval_every_epochs < 1:
+            raise ValueError(f"eval_every_epochs must be at least 1, got {self.eval_every_epochs}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; the resolved copy is saved as config.yaml in the run directory."""
+
+    name: str = "run"
+    output_dir: str = "runs"              # local path or fsspec URL; the run directory is <output_dir>/<name>
+    seed: int = 0
+    resume: str | None = None             # "auto" (latest in this run), a run directory, or a checkpoint file
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sparsity: MethodConfig = field(default_factory=MethodConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty run name without '/', got {self.name!r}")
+        if self.train.precision == "fp16" and self.train.device == "cpu":
+            raise ValueError("train.precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
+        for epoch in self.lr_schedule.milestones:
+            if epoch >= self.train.epochs:
+                raise ValueError(f"lr_schedule.milestones has epoch {epoch} at or after train.epochs "
+                                 f"({self.train.epochs}); drop it or train longer")
+        if self.lr_schedule.warmup_epochs >= self.train.epochs:
+            raise ValueError(f"lr_schedule.warmup_epochs ({self.lr_schedule.warmup_epochs}) must be shorter than "
+                             f"train.epochs ({self.train.epochs})")
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """YAML file (optional) + ``key=value`` overrides -> a checked RunConfig."""
+    data = read_yaml(path) if path else {}
+    return build(RunConfig, apply_overrides(data, overrides))

@@ -1,0 +1,107 @@
+"""The commands people run: ``train`` and ``report``.
+
+``python -m launcher train CONFIG [key=value ...]`` checks the whole config and the data before any worker starts,
+then trains in this process, or, with ``--nproc-per-node N``, starts N workers through torchrun. The same command
+also runs as a worker under a user's own ``torchrun ... -m launcher train ...`` (multi-node included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import fsspec
+
+from engine.config import ConfigError, to_dict
+from engine.data import check_data_available
+from engine.run_config import RunConfig, load_config
+
+
+def _is_worker() -> bool:
+    """True inside a torchrun / deepspeed worker (the launcher must not start workers again)."""
+    return "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _fail(kind: str, message: str) -> int:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{kind} error: {message}", file=sys.stderr)
+    return 2
+
+
+def check(config: str | None, overrides: Sequence[str]) -> RunConfig:
+    """Load and validate config and data; raises ConfigError / FileNotFoundError with one-line messages."""
+    cfg = load_config(config, overrides)
+    if not cfg.data.download:
+        check_data_available(cfg.data)
+    return cfg
+
+
+def _spawn(args: argparse.Namespace) -> int:
+    """Start ``--nproc-per-node`` workers on this machine with torchrun (a free port, no fixed one)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={args.nproc_per_node}", "-m", "launcher", "train"]
+    command += ([args.config] if args.config else []) + list(args.overrides)
+    return subprocess.call(command)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        cfg = check(args.config, args.overrides)
+    except ConfigError as error:
+        return _fail("config", str(error))
+    except FileNotFoundError as error:
+        return _fail("data", str(error))
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    if args.nproc_per_node > 1 and not _is_worker():
+        return _spawn(args)
+    from engine.trainer import train
+
+    train(cfg)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the summary table of a finished run."""
+    from engine.monitor import format_summary
+
+    url = f"{args.run_dir.rstrip('/')}/summary.json"
+    try:
+        with fsspec.open(url, "r") as handle:
+            summary = json.load(handle)
+    except FileNotFoundError:
+        return _fail("report", f"{url} not found; pass a run directory of a finished run (it holds summary.json)")
+    layers = [(name, v["numel"], v["nonzero"]) for name, v in summary.get("layers", {}).items()]
+    tb = f"{args.run_dir.rstrip('/')}/tensorboard"
+    print(format_summary(summary, layers, args.run_dir, tb))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m launcher", description="sparsetrain: train sparse networks")
+    commands = root.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model under a sparsity method")
+    train.add_argument("config", nargs="?", help="YAML config file (e.g. configs/quickstart.yaml)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 sparsity.density=0.1")
+    train.add_argument("--nproc-per-node", type=int, default=1, help="start N DDP workers here via torchrun")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.set_defaults(run=cmd_train)
+    report = commands.add_parser("report", help="print the summary of a finished run")
+    report.add_argument("run_dir", help="the run directory (holds summary.json)")
+    report.set_defaults(run=cmd_report)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config:   # overrides only, no file
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+    return args.run(args)

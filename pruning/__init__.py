@@ -1,0 +1,1 @@
+"""Sparsity core: masks, prunable-parameter rules, selection, rank agreement and the methods."""

@@ -1,0 +1,140 @@
+"""The one contract of a sparsity method, and the registry that finds methods by name.
+
+A method is a small class with its own typed config. The trainer calls it at fixed points of the loop:
+``setup`` (initial masks, on a fresh start only; a resumed run calls ``load_state_dict`` instead), ``before_step``
+(after gradients are ready, before the optimizer step: mask gradients, collect grow scores), ``after_step``
+(scheduled mask updates), ``end_epoch`` (stripping, union cycles, iterative prunes) and ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pruning.masks import LayerStat, MaskSet, dense_stats
+from pruning.targets import TargetConfig, prunable_parameters
+
+_METHODS: dict[str, type[SparsityMethod]] = {}
+
+
+@dataclass
+class MethodConfig:
+    """Settings every method shares; ``method`` selects the subclass through the registry."""
+
+    method: str = "dense"
+    targets: TargetConfig = field(default_factory=TargetConfig)
+
+    @classmethod
+    def config_variant(cls, data: dict[str, Any]) -> type[MethodConfig]:
+        """The config class of the method named in ``data`` (used by the engine's config loader)."""
+        name = data.get("method", "dense")
+        return method_class(name).Config
+
+
+@dataclass
+class MethodContext:
+    """What a method may use besides the model: seeds, ranks, the loop's length and a source of batches."""
+
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    steps_per_epoch: int = 1
+    epochs: int = 1
+    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+
+class SparsityMethod:
+    """Base class: holds the config, the unwrapped model, the optimizer and (for sparse methods) a MaskSet."""
+
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 context: MethodContext) -> None:
+        self.config = config
+        self.model = model
+        self.optimizer = optimizer
+        self.context = context
+        self.params = prunable_parameters(model, config.targets)
+        self.masks: MaskSet | None = None
+
+    # ------------------------------------------------------------ loop points
+    def setup(self) -> None:
+        """Build the initial masks (fresh runs only)."""
+
+    def before_step(self, step: int) -> None:
+        """Called with gradients ready, before the optimizer step: pruned weights must get no update."""
+        if self.masks is not None:
+            self.masks.mask_grads_()
+
+    def after_step(self, step: int) -> None:
+        """Called after the optimizer step."""
+
+    def end_epoch(self, epoch: int) -> None:
+        """Called after each epoch's evaluation."""
+
+    # ------------------------------------------------------------ reporting
+    def layer_stats(self) -> list[LayerStat]:
+        """Per-layer accounting of the prunable weights."""
+        return self.masks.stats() if self.masks is not None else dense_stats(self.params)
+
+    def layer_targets(self) -> dict[str, float] | None:
+        """Target density per layer when the method has one (for target-vs-actual monitoring)."""
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        """Method-specific scalars for TensorBoard (e.g. a threshold)."""
+        return {}
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": self.masks.state_dict() if self.masks is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("masks")
+        if saved is None:
+            return
+        if self.masks is None:
+            self.masks = MaskSet(self.params)
+        self.masks.load_state_dict(saved)
+        self.masks.verify()
+
+
+def register_method(name: str) -> Callable[[type[SparsityMethod]], type[SparsityMethod]]:
+    """Class decorator: make a method available as ``sparsity.method: <name>``."""
+    def add(cls: type[SparsityMethod]) -> type[SparsityMethod]:
+        if name in _METHODS:
+            raise ValueError(f"sparsity method '{name}' is registered twice")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+    return add
+
+
+def method_class(name: str) -> type[SparsityMethod]:
+    """The method registered as ``name``; a one-line error lists the valid names otherwise."""
+    if name not in _METHODS:
+        close = difflib.get_close_matches(str(name), list(_METHODS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"method '{name}' is not a known sparsity method{hint}; valid: {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def registered() -> Iterator[tuple[str, type[SparsityMethod]]]:
+    return iter(sorted(_METHODS.items()))
+
+
+def build_method(config: MethodConfig, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 context: MethodContext) -> SparsityMethod:
+    """Instantiate the method named by ``config.method``."""
+    return method_class(config.method)(config, model, optimizer, context)

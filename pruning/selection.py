@@ -1,0 +1,112 @@
+"""Turning scores into masks: exact counts, deterministic ties, global or per-layer budgets.
+
+Thresholds come from ``torch.kthvalue`` (``torch.quantile`` refuses tensors over ~16M elements). Ties at the
+threshold are broken by flat index (lowest first) so every rank and every run keeps exactly the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+
+Distribution = Literal["uniform", "er", "erk"]
+
+
+def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask (shape of ``scores``) keeping exactly the ``k`` highest scores; ties go to the lowest index."""
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot keep {k} of {n} scores")
+    if torch.isnan(flat).any():
+        raise ValueError("scores contain NaN; the scorer overflowed or divided by zero")
+    if k == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k == n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat,
+                               n - k + 1).values.to(flat.dtype)
+    keep = flat > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        ties = (flat == threshold).nonzero().reshape(-1)[:missing]
+        keep[ties] = True
+    return keep.reshape(scores.shape)
+
+
+def apportion(total: int, shares: Sequence[float], caps: Sequence[int]) -> list[int]:
+    """Split ``total`` into integers proportional to ``shares`` (largest remainder), each at most its cap."""
+    if total > sum(caps):
+        raise ValueError(f"cannot place {total} items in capacity {sum(caps)}")
+    counts = [0] * len(shares)
+    free = [i for i in range(len(shares)) if caps[i] > 0]
+    remaining = total
+    while remaining > 0 and free:
+        weight = sum(shares[i] for i in free)
+        ideal = {i: remaining * (shares[i] / weight if weight > 0 else 1 / len(free)) for i in free}
+        grant = {i: min(caps[i] - counts[i], math.floor(ideal[i])) for i in free}
+        order = sorted(free, key=lambda i: (-(ideal[i] - math.floor(ideal[i])), i))
+        left = remaining - sum(grant.values())
+        for i in order:
+            if left <= 0:
+                break
+            if counts[i] + grant[i] < caps[i]:
+                grant[i] += 1
+                left -= 1
+        for i, g in grant.items():
+            counts[i] += g
+        remaining = total - sum(counts)
+        free = [i for i in free if counts[i] < caps[i]]
+    return counts
+
+
+def layer_densities(shapes: Mapping[str, torch.Size], density: float,
+                    distribution: Distribution = "uniform") -> dict[str, float]:
+    """Per-layer densities whose weighted mean is ``density``.
+
+    uniform: every layer at ``density``. er / erk (Erdos-Renyi, with kernel terms for erk): density proportional
+    to (sum of dims) / (product of dims), rescaled to hit the global target, with layers capped at 1.
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if distribution == "uniform":
+        return {name: density for name in shapes}
+    raw: dict[str, float] = {}
+    for name, shape in shapes.items():
+        dims = list(shape) if distribution == "erk" else list(shape[:2])
+        raw[name] = sum(dims) / math.prod(dims)
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    budget = density * sum(sizes.values())
+    dense: set[str] = set()
+    while True:
+        sparse_mass = sum(raw[n] * sizes[n] for n in shapes if n not in dense)
+        scale = (budget - sum(sizes[n] for n in dense)) / sparse_mass
+        newly = {n for n in shapes if n not in dense and scale * raw[n] > 1.0}
+        if not newly:
+            break
+        dense |= newly
+    return {name: 1.0 if name in dense else scale * raw[name] for name in shapes}
+
+
+def layer_counts(shapes: Mapping[str, torch.Size], density: float, distribution: Distribution) -> dict[str, int]:
+    """Weights to keep per layer: the distribution's densities, rounded so the total is round(density * N)."""
+    densities = layer_densities(shapes, density, distribution)
+    sizes = [math.prod(s) for s in shapes.values()]
+    total = round(density * sum(sizes))
+    shares = [densities[n] * size for n, size in zip(shapes, sizes)]
+    return dict(zip(shapes, apportion(total, shares, sizes)))
+
+
+def global_top_k(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Masks keeping the ``k`` highest scores across all layers (one threshold), ties broken by position."""
+    flat = torch.cat([s.reshape(-1).to(torch.float64 if s.dtype == torch.float64 else torch.float32)
+                      for s in scores.values()])
+    keep = keep_top_k(flat, k)
+    masks, start = {}, 0
+    for name, score in scores.items():
+        masks[name] = keep[start:start + score.numel()].reshape(score.shape)
+        start += score.numel()
+    return masks
