@@ -249,3 +249,12 @@ def format_summary(summary: Mapping[str, Any], layers: list[tuple[str, int, int]
               f"  config          {config_path or _join(run_dir, 'config.yaml')}",
               f"  tensorboard     {'tensorboard --logdir ' + shlex.quote(tb_dir) if tb_dir else 'off'}"]
     return "\n".join(lines)
+
+
+def format_run_summary(summary: Mapping[str, Any], run_dir: str, tb_dir: str | None) -> str:
+    """The end-of-run table straight from a summary.json mapping (used by the trainer and `launcher report`)."""
+    hidden = {"layers", "run_dir", "best_test_acc", "test_loss"}
+    shown = {key: value for key, value in summary.items() if key not in hidden}
+    shown["best_acc"] = summary.get("best_test_acc")
+    layers = [(name, int(v["numel"]), int(v["nonzero"])) for name, v in summary.get("layers", {}).items()]
+    return format_summary(shown, layers, run_dir, tb_dir)

@@ -22,7 +22,7 @@ import models
 from engine.checkpoint import Checkpointer, capture_rng, load_state, resolve_resume, restore_rng
 from engine.config import to_dict, write_yaml
 from engine.data import build_loaders
-from engine.monitor import Monitor, format_summary
+from engine.monitor import Monitor, format_run_summary
 from engine.optim import build_optimizer, build_schedule
 from engine.parallel import Backend, DistEnv, build_backend, pick_device
 from engine.run_config import RunConfig
@@ -282,8 +282,7 @@ class Trainer:
         if self.env.is_main:
             with fsspec.open(_join(self.run_dir, "summary.json"), "w") as handle:
                 json.dump(summary, handle, indent=2)
-            layers = [(s.name, s.numel, s.nonzero) for s in stats]
-            self.monitor.print(format_summary(summary, layers, self.run_dir, self.monitor.tensorboard_dir))
+            self.monitor.print(format_run_summary(summary, self.run_dir, self.monitor.tensorboard_dir))
         self.monitor.close()
         return summary
 

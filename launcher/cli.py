@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Print the summary table of a finished run."""
-    from engine.monitor import format_summary
+    from engine.monitor import format_run_summary
 
     url = f"{args.run_dir.rstrip('/')}/summary.json"
     try:
@@ -78,9 +78,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             summary = json.load(handle)
     except FileNotFoundError:
         return _fail("report", f"{url} not found; pass a run directory of a finished run (it holds summary.json)")
-    layers = [(name, v["numel"], v["nonzero"]) for name, v in summary.get("layers", {}).items()]
-    tb = f"{args.run_dir.rstrip('/')}/tensorboard"
-    print(format_summary(summary, layers, args.run_dir, tb))
+    print(format_run_summary(summary, args.run_dir, f"{args.run_dir.rstrip('/')}/tensorboard"))
     return 0
 
 

@@ -58,10 +58,3 @@ def require_positive(**values: int) -> None:
         if value < 1:
             raise ModelConfigError(f"option {key} must be >= 1, got {value}")
 
-
-def pooled_size(image_size: int, pools: int) -> int:
-    """Spatial size after `pools` 2x2 max-pools that are skipped once the map is 1x1 (tiny inputs)."""
-    size = image_size
-    for _ in range(pools):
-        size = size // 2 if size >= 2 else size
-    return size
