@@ -180,7 +180,7 @@ class Trainer:
                 done += 1
                 bar.update()
                 if self.step % self.cfg.monitor.log_every_steps == 0:
-                    self.monitor.scalars({"train/step_loss": float(loss), "lr": self.schedule.lr}, self.step)
+                    self.monitor.scalars({"train/step_loss": float(loss.detach()), "lr": self.schedule.lr}, self.step)
                 if done >= self.steps_per_epoch:
                     break
         elapsed = time.perf_counter() - started

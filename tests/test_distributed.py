@@ -1,0 +1,53 @@
+"""Two CPU processes under torchrun (gloo): identical weights and masks on both ranks; the launcher's own spawn."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_two_ranks_end_with_identical_weights_and_masks(tmp_path: Path) -> None:
+    overrides = [f"output_dir={tmp_path}", "name=ddp", "data.name=digits", "data.batch_size=32",
+                 "data.augment=standard", "model.name=conv", "model.options.width=8", "sparsity.method=random",
+                 "sparsity.density=0.3", "sparsity.scope=local", "sparsity.distribution=erk", "train.epochs=2",
+                 "train.max_steps_per_epoch=8", "monitor.progress=false", "optim.name=adamw", "optim.lr=0.003",
+                 "optim.weight_decay=0.05"]
+    result = _torchrun(["tests/ddp_probe.py", str(tmp_path), *overrides])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["summary_steps"] == 16
+    for name, tensor in ranks[0]["model"].items():
+        assert torch.equal(tensor, ranks[1]["model"][name]), f"{name} differs across ranks"
+    assert ranks[0]["masks"]
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name])
+        assert (ranks[0]["model"][name][~mask] == 0).all()
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and list((tmp_path / "ddp" / "checkpoints").glob("ckpt-*.pt"))
+
+
+def test_launcher_spawns_workers_with_nproc_per_node(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher", "train", "--nproc-per-node", "2", f"output_dir={tmp_path}", "name=spawn",
+         "model.name=mlp", "model.options.hidden=[16]", "train.epochs=1", "train.max_steps_per_epoch=4",
+         "sparsity.method=magnitude", "sparsity.density=0.5", "monitor.progress=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "spawn" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert result.stdout.count("sparsetrain run summary") == 1   # only rank 0 prints
