@@ -22,22 +22,27 @@ from torch.nn.utils import prune
 
 import models
 from engine.config import parse_override as _parse
+from engine.optim import OptimConfig, build_optimizer
 from engine.parallel import Backend, DistEnv
 from pruning.methods import MethodContext, build_method
 from pruning.methods.at_init import AtInitConfig
 
 
 def make_step(model: nn.Module, before_step: Callable[[], None], inputs: torch.Tensor,
-              targets: torch.Tensor, lr: float) -> Callable[[], None]:
+              targets: torch.Tensor, lr: float, implementation: str) -> Callable[[], float]:
     """One training step exactly as the trainer runs it: forward, backward, before_step, SGD step."""
     backend = Backend(DistEnv(), torch.device("cpu"))
     backend.wrap(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=lr, momentum=0.9, weight_decay=5e-4,
+                                                   implementation=implementation))
 
-    def step() -> None:
+    def step() -> float:
+        """Runs one step; returns the seconds spent after backward (masking + optimizer)."""
         loss = nn.functional.cross_entropy(model(inputs), targets)
         backend.backward(loss)
+        start = time.perf_counter()
         backend.step(optimizer, before_step)
+        return time.perf_counter() - start
 
     return step
 
@@ -47,28 +52,51 @@ def parse_override(item: str) -> tuple[str, object]:
     return ".".join(keys), value
 
 
-def variants(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
+def isolated_ms(work: Callable[[], object], repeats: int = 40) -> float:
+    """Median milliseconds of one call of ``work`` alone."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        samples.append(time.perf_counter() - start)
+    return 1000 * statistics.median(samples)
+
+
+def variants(args: argparse.Namespace) -> tuple[dict[str, Callable[[], float]], dict[str, Callable[[], object]]]:
+    """The step of each variant, and each variant's per-step masking work on its own (for isolated timing)."""
     torch.manual_seed(0)
     options = {"stem": "cifar"} if "stem" in models.model_options(args.model) else {}
     options.update(dict(parse_override(item) for item in args.option))
     base = models.build_model(args.model, in_channels=3, image_size=args.image_size, num_classes=10, **options)
     inputs = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     targets = torch.randint(0, 10, (args.batch_size,))
-    out: dict[str, Callable[[], None]] = {}
+    out: dict[str, Callable[[], float]] = {}
+    isolated: dict[str, Callable[[], object]] = {}
 
     dense = copy.deepcopy(base)
-    out["dense"] = make_step(dense, lambda: None, inputs, targets, args.lr)
+    out["dense"] = make_step(dense, lambda: None, inputs, targets, args.lr, args.optimizer)
 
     masked = copy.deepcopy(base)
     method = build_method(AtInitConfig(method="magnitude", density=args.density), masked, None, MethodContext())
     method.setup()
-    out["maskset"] = make_step(masked, lambda: method.before_step(0), inputs, targets, args.lr)
+    out["maskset"] = make_step(masked, lambda: method.before_step(0), inputs, targets, args.lr, args.optimizer)
+
+    def mask_fresh_grads() -> None:
+        for p in method.params.values():
+            if p.grad is None:      # the optimizer step cleared them: give the timing real tensors to mask
+                p.grad = torch.randn_like(p)
+        method.masks.mask_grads_()
+
+    isolated["maskset: mask gradients (once per step)"] = mask_fresh_grads
 
     pruned = copy.deepcopy(base)
     params = [(m, "weight") for m in pruned.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=1.0 - args.density)
-    out["torch_prune"] = make_step(pruned, lambda: None, inputs, targets, args.lr)
-    return out
+    out["torch_prune"] = make_step(pruned, lambda: None, inputs, targets, args.lr, args.optimizer)
+    modules = [m for m, _ in params]
+    isolated["torch_prune: weight = weight_orig * mask (every forward)"] = lambda: [
+        hook(m, None) for m in modules for hook in m._forward_pre_hooks.values()]
+    return out, isolated
 
 
 def main() -> None:
@@ -81,29 +109,40 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--option", action="append", default=[], help="model option key=value (repeatable)")
+    parser.add_argument("--optimizer", default="auto", choices=["auto", "fused", "foreach", "loop"],
+                        help="torch optimizer kernel, the same for every variant")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    steps = variants(args)
+    steps, isolated = variants(args)
     names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}
+    updates: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(args.warmup + args.rounds):
         order = names[round_index % len(names):] + names[:round_index % len(names)]
         for name in order:
             start = time.perf_counter()
-            steps[name]()
+            update = steps[name]()
             elapsed = time.perf_counter() - start
             if round_index >= args.warmup:
                 times[name].append(elapsed)
+                updates[name].append(update)
     dense = times["dense"]
     print(f"{args.model}, {args.image_size} px, batch {args.batch_size}, density {args.density}, "
-          f"{args.rounds} interleaved rounds, {args.threads} threads, torch {torch.__version__}")
-    print(f"{'variant':<12} {'median ms/step':>15} {'steps/s vs dense':>17} {'spread (IQR of ratios)':>24}")
+          f"{args.rounds} interleaved rounds, {args.threads} threads, SGD kernel {args.optimizer}, "
+          f"torch {torch.__version__}")
+    print(f"{'variant':<12} {'median ms/step':>15} {'steps/s vs dense':>17} {'IQR of ratios':>16} "
+          f"{'mask+optimizer ms':>18}")
     for name in names:
         ratios = [d / t for d, t in zip(dense, times[name])]
         q = statistics.quantiles(ratios, n=4)
         print(f"{name:<12} {1000 * statistics.median(times[name]):>15.1f} {statistics.median(ratios):>17.3f} "
-              f"{q[0]:>11.3f} .. {q[2]:.3f}")
+              f"{q[0]:>8.3f}..{q[2]:.3f} {1000 * statistics.median(updates[name]):>18.2f}")
+    print("\nmasking work alone (median of 40 calls; torch_prune pays a multiply of the same size again in backward):")
+    for label, work in isolated.items():
+        print(f"  {label:<58} {isolated_ms(work):7.2f} ms")
+    print("torch_prune masks inside forward/backward (weight = weight_orig * mask), so its mask+optimizer column "
+          "shows only its optimizer step.")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -205,13 +205,3 @@ def build_backend(cfg: ParallelConfig, env: DistEnv, device: torch.device, preci
         return DDPBackend(env, device, precision, cfg)
     return Backend(env, device, precision)
 
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run a block under a fixed torch seed, then restore the previous RNG state."""
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state)

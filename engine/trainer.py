@@ -149,8 +149,9 @@ class Trainer:
     def _train_epoch(self) -> dict[str, float]:
         cfg, backend = self.cfg.train, self.backend
         self.module.train()
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)   # loss sum, correct, samples
-        micro, done = 0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        micro, done, seen = 0, 0, 0
         started = time.perf_counter()
         desc = f"epoch {self.epoch + 1}/{self.cfg.train.epochs}"
         with self.monitor.progress(total=self.steps_per_epoch, desc=desc) as bar:
@@ -166,10 +167,9 @@ class Trainer:
                         loss = self.criterion(outputs, targets)
                     backend.backward(loss / cfg.grad_accum_steps)
                 with torch.no_grad():
-                    totals += torch.stack([loss.detach().double() * targets.numel(),
-                                           (outputs.argmax(1) == targets).sum().double(),
-                                           torch.tensor(float(targets.numel()), device=self.device,
-                                                        dtype=torch.float64)])
+                    loss_sum += loss.detach().double() * targets.numel()
+                    correct += (outputs.argmax(1) == targets).sum()
+                seen += targets.numel()
                 micro += 1
                 if not boundary:
                     continue
@@ -184,7 +184,8 @@ class Trainer:
                 if done >= self.steps_per_epoch:
                     break
         elapsed = time.perf_counter() - started
-        totals = backend.all_reduce(totals)
+        totals = backend.all_reduce(torch.stack([loss_sum, correct.double(),
+                                                 torch.tensor(float(seen), dtype=torch.float64, device=self.device)]))
         samples = float(totals[2])
         return {"loss": float(totals[0]) / samples, "acc": float(totals[1]) / samples,
                 "samples_per_s": samples / elapsed}
@@ -195,7 +196,9 @@ class Trainer:
         model = self.model   # the unwrapped model: ranks may see different batch counts, DDP would hang
         was_training = model.training
         model.eval()
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen = 0
         for inputs, targets in (loader or self.loaders.test):
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
@@ -203,11 +206,13 @@ class Trainer:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with self.backend.autocast():
                 outputs = model(inputs)
-            loss = nn.functional.cross_entropy(outputs.float(), targets, reduction="sum")
-            totals += torch.stack([loss.double(), (outputs.argmax(1) == targets).sum().double(),
-                                   torch.tensor(float(targets.numel()), device=self.device, dtype=torch.float64)])
+            loss_sum += nn.functional.cross_entropy(outputs.float(), targets, reduction="sum").double()
+            correct += (outputs.argmax(1) == targets).sum()
+            seen += targets.numel()
         model.train(was_training)
-        totals = self.backend.all_reduce(totals)
+        totals = self.backend.all_reduce(torch.stack([loss_sum, correct.double(),
+                                                      torch.tensor(float(seen), dtype=torch.float64,
+                                                                   device=self.device)]))
         return {"loss": float(totals[0]) / max(1.0, float(totals[2])),
                 "acc": float(totals[1]) / max(1.0, float(totals[2]))}
 
