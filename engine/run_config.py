@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 import models
 from engine.checkpoint import CheckpointConfig
 from engine.config import apply_overrides, build, read_yaml
@@ -82,7 +84,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty run name without '/', got {self.name!r}")
-        if self.train.precision == "fp16" and self.train.device == "cpu":
+        no_cuda = self.train.device == "cpu" or (self.train.device == "auto" and not torch.cuda.is_available())
+        if self.train.precision == "fp16" and no_cuda:
             raise ValueError("train.precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
         for epoch in self.lr_schedule.milestones:
             if epoch >= self.train.epochs:

@@ -35,7 +35,7 @@ def _fail(kind: str, message: str) -> int:
 def check(config: str | None, overrides: Sequence[str]) -> RunConfig:
     """Load and validate config and data; raises ConfigError / FileNotFoundError with one-line messages."""
     cfg = load_config(config, overrides)
-    if not cfg.data.download:
+    if not (cfg.data.download and _is_worker()):   # workers download rank-0-first in build_loaders instead
         check_data_available(cfg.data)
     return cfg
 

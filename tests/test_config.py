@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from engine.config import ConfigError, apply_overrides, to_dict
@@ -35,6 +36,8 @@ BAD_INPUTS = [
     (["data.batch_size=0"], "data.batch_size"),
     (["train.precision=fp8"], "train.precision must be one of 'fp32', 'bf16', 'fp16', got 'fp8'"),
     (["train.device=cpu", "train.precision=fp16"], "train.precision fp16 needs CUDA; use bf16 or fp32 on the CPU"),
+    pytest.param(["train.precision=fp16"], "train.precision fp16 needs CUDA",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="device auto picks CUDA here")),
     (["lr_schedule.name=step"], "lr_schedule.milestones must list at least one epoch for name: step"),
     (["train.epochs=10", "lr_schedule.name=step", "lr_schedule.milestones=[5,20]"],
      "lr_schedule.milestones has epoch 20.0 at or after train.epochs (10)"),
@@ -48,7 +51,8 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("overrides, message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+@pytest.mark.parametrize("overrides, message", BAD_INPUTS,
+                         ids=[" ".join(case.values[0] if hasattr(case, "values") else case[0]) for case in BAD_INPUTS])
 def test_bad_input_fails_with_one_line_naming_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(None, overrides)

@@ -98,3 +98,13 @@ def test_dense_baseline_and_grad_accumulation(tmp_path: Path) -> None:
     summary = train(load_config(None, [*base, f"output_dir={tmp_path}", "name=dense", "sparsity.method=dense",
                                        "train.epochs=1", "train.grad_accum_steps=2", "train.max_steps_per_epoch=3"]))
     assert summary["density"] == 1.0 and summary["steps"] == 3
+
+
+def test_bf16_autocast_and_channels_last_on_cpu(tmp_path: Path) -> None:
+    """The mixed-precision and memory-format paths run (on CUDA they are the fast path; here they must be right)."""
+    summary = run(f"output_dir={tmp_path}", "name=bf16", "model.name=conv", "model.options={}",
+                  "train.precision=bf16", "train.channels_last=true", "train.epochs=1", "train.max_steps_per_epoch=3")
+    assert summary["steps"] == 3 and 0.0 <= summary["test_acc"] <= 1.0
+    state = load_state(_latest(str(tmp_path / "bf16" / "checkpoints")))
+    for name, mask in state["method"]["masks"].items():
+        assert (state["model"][name][~mask] == 0).all()
