@@ -173,8 +173,8 @@ class TensorImageDataset(Dataset):
 
 
 @dataclass
-class DigitsOptions:
-    """channels: replicate the grey channel to 3 for RGB models."""
+class GreyOptions:
+    """channels: 3 replicates the grey channel for RGB models."""
 
     channels: int = 1
 
@@ -187,7 +187,7 @@ class DigitsOptions:
 class Digits(DatasetSource):
     """scikit-learn's bundled 8x8 digits: the default, no download; a fixed split so the test set never changes."""
 
-    Options = DigitsOptions
+    Options = GreyOptions
     augments = ("none", "standard")
     auto_augment = "none"
     split_seed: ClassVar[int] = 0
@@ -359,17 +359,6 @@ def _files_layout(kind: str, wanted: Sequence[str], absent: Sequence[str]) -> st
     """'<kind> a, b, c', naming the missing ones only when some are present (a partial copy)."""
     partial = f"; missing {', '.join(absent)}" if len(absent) < len(wanted) else ""
     return f"{kind} {', '.join(wanted)}{partial}"
-
-
-@dataclass
-class GreyOptions:
-    """channels: 3 replicates the grey channel for RGB models."""
-
-    channels: int = 1
-
-    def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
 
 
 @register_dataset("mnist")
