@@ -5,6 +5,7 @@ nothing about processes or ranks. A source is a small class registered by name w
 config can be checked (name, options, augmentation, files on disk) before any worker starts.
 """
 
+import abc
 import dataclasses
 import difflib
 import os
@@ -54,7 +55,7 @@ class NoOptions:
     """Options of a data set that has none."""
 
 
-class DatasetSource:
+class DatasetSource(abc.ABC):
     """Base class of a registered data set; subclasses set the class variables and implement `build`."""
 
     Options: ClassVar[type] = NoOptions
@@ -72,15 +73,15 @@ class DatasetSource:
 
     def download(self) -> None:
         """Fetch the files into root; only called when `downloadable` and the user asked for it."""
-        raise NotImplementedError(f"{type(self).__name__} cannot download")
+        raise RuntimeError(f"{type(self).__name__} has no download; place its files under data.root yourself")
 
     @classmethod
     def check(cls, options: Any, image_size: int | None) -> None:
         """Cross-checks between options and the common config, run in DataConfig.__post_init__; ValueError if bad."""
 
+    @abc.abstractmethod
     def build(self, image_size: int | None, augment: str) -> DatasetParts:
         """Read the data set; image_size None means native size; augment is already resolved (never 'auto')."""
-        raise NotImplementedError
 
 
 _REGISTRY: dict[str, type[DatasetSource]] = {}
