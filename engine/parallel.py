@@ -1,4 +1,4 @@
-"""How the model is run across processes: nothing (one process) or torch DDP.
+"""How the model is run across processes: nothing (one process), torch DDP or DeepSpeed (``engine.deepspeed_backend``).
 
 A backend is the small interface the training loop talks to: wrap the model after it is built, run backward (with
 gradient sync only on accumulation boundaries), take the optimizer step (unscale, let the sparsity method mask
@@ -12,26 +12,68 @@ import contextlib
 import datetime
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+if TYPE_CHECKING:
+    from pruning.masks import MaskSet
+
+# DeepSpeed keys sparsetrain writes itself, and the setting that owns each (deepspeed_extra may not override them).
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "data.batch_size and train.grad_accum_steps",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "gradient_clipping": "train.clip_grad_norm",
+    "fp16": "train.precision",
+    "bf16": "train.precision",
+    "optimizer": "optim",
+    "scheduler": "lr_schedule",
+}
+
 
 @dataclass
 class ParallelConfig:
-    """backend auto = DDP when launched with several processes (torchrun), else a single process."""
+    """backend auto = DDP when launched with several processes (torchrun), else a single process.
 
-    backend: Literal["auto", "none", "ddp"] = "auto"
+    ``deepspeed`` needs an explicit choice; ``zero_stage`` and ``deepspeed_extra`` (more DeepSpeed config keys,
+    merged into the generated config) apply to it only.
+    """
+
+    backend: Literal["auto", "none", "ddp", "deepspeed"] = "auto"
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"   # auto: nccl on CUDA, gloo on CPU
     find_unused_parameters: bool = False
     timeout_minutes: float = 30.0
+    zero_stage: int = 2
+    deepspeed_extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.timeout_minutes <= 0:
             raise ValueError(f"timeout_minutes must be positive, got {self.timeout_minutes}")
+        if self.zero_stage == 3:
+            raise ValueError("zero_stage 3 is refused: ZeRO-3 shards the module weights themselves, so no rank holds "
+                             "a whole layer to mask or score; use zero_stage 0, 1 or 2")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if self.deepspeed_extra and self.backend != "deepspeed":
+            raise ValueError(f"deepspeed_extra is set but backend is {self.backend}; set parallel.backend=deepspeed "
+                             "or drop deepspeed_extra")
+        for key, owner in DEEPSPEED_OWNED_KEYS.items():
+            if key in self.deepspeed_extra:
+                raise ValueError(f"deepspeed_extra sets {key}, which is generated from {owner}; set that instead")
+        zero = self.deepspeed_extra.get("zero_optimization", {})
+        if not isinstance(zero, dict):
+            raise ValueError(f"deepspeed_extra must hold a mapping under zero_optimization, got {zero!r}")
+        if "stage" in zero:
+            raise ValueError("deepspeed_extra sets zero_optimization.stage, which is generated from "
+                             "parallel.zero_stage; set that instead")
+        for key in ("offload_optimizer", "offload_param"):
+            if key in zero:
+                raise ValueError(f"deepspeed_extra sets zero_optimization.{key}, which is refused: masking under "
+                                 "ZeRO offload is not verified; train without offload")
 
 
 @dataclass(frozen=True)
@@ -85,6 +127,18 @@ class Backend:
         self._model = model
         self.module = model
         return model
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, micro_batch_size: int,
+                grad_accum_steps: int, clip_grad_norm: float | None
+                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap model and optimizer together: (module to call in the loop, optimizer the LR schedule drives).
+
+        Backends that only wrap the model ignore the loop's shape; DeepSpeed builds its config from it.
+        """
+        return self.wrap(model), optimizer
+
+    def attach_masks(self, masks: MaskSet | None) -> None:
+        """Give the MaskSet this backend's way to reach weights, gradients and optimizer state (torch's: nothing)."""
 
     @property
     def model(self) -> nn.Module:
@@ -140,6 +194,20 @@ class Backend:
         """Release the process group."""
 
     # --------------------------------------------------------------- state
+    def model_state_dict(self) -> dict[str, Any]:
+        """Full weights keyed by the unwrapped model's names: the same for every backend, so checkpoints cross."""
+        return self.model.state_dict()
+
+    def load_model_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Optimizer state in torch's layout (per-parameter entries, indexed in parameter order)."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
@@ -160,8 +228,11 @@ class DDPBackend(Backend):
         if kind == "nccl" and device.type != "cuda":
             raise ValueError("parallel.dist_backend nccl needs CUDA; use gloo on the CPU")
         if not dist.is_initialized():
-            dist.init_process_group(backend=kind, timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
-                                    **({"device_id": device} if device.type == "cuda" else {}))
+            extra: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+            if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
+                # one process started without a launcher: a group of one needs no rendezvous
+                extra.update(store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend=kind, timeout=datetime.timedelta(minutes=cfg.timeout_minutes), **extra)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         self._model = model
@@ -201,6 +272,9 @@ def build_backend(cfg: ParallelConfig, env: DistEnv, device: torch.device, preci
     if cfg.backend == "none" and env.world_size > 1:
         raise ValueError(f"parallel.backend is none but {env.world_size} processes were started; "
                          "set parallel.backend=ddp or start one process")
+    if cfg.backend == "deepspeed":
+        from engine.deepspeed_backend import DeepSpeedBackend   # imported only when asked for: slow to import
+        return DeepSpeedBackend(env, device, precision, cfg)
     if cfg.backend == "ddp" or (cfg.backend == "auto" and env.world_size > 1):
         return DDPBackend(env, device, precision, cfg)
     return Backend(env, device, precision)

@@ -87,6 +87,10 @@ class RunConfig:
         no_cuda = self.train.device == "cpu" or (self.train.device == "auto" and not torch.cuda.is_available())
         if self.train.precision == "fp16" and no_cuda:
             raise ValueError("train.precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
+        if self.parallel.backend == "deepspeed" and self.parallel.zero_stage == 0 and self.train.precision != "fp32":
+            raise ValueError(f"parallel.zero_stage 0 with train.precision {self.train.precision} is refused: "
+                             "DeepSpeed's stage-0 mixed-precision optimizer keeps fp32 master weights that masks "
+                             "cannot reach; use parallel.zero_stage=1 or 2")
         for epoch in self.lr_schedule.milestones:
             if epoch >= self.train.epochs:
                 raise ValueError(f"lr_schedule.milestones has epoch {epoch} at or after train.epochs "

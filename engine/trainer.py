@@ -91,9 +91,8 @@ class Trainer:
                                    num_classes=spec.num_classes, **cfg.model.options).to(self.device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.module = backend.wrap(model)
-        self.model = backend.model
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim)
         batches = len(self.loaders.train) // cfg.train.grad_accum_steps
         if batches < 1:
             raise ValueError(f"the training set gives {len(self.loaders.train)} batches per rank, fewer than "
@@ -103,7 +102,8 @@ class Trainer:
                                        steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs)
         context = MethodContext(seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
                                 device=self.device, steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs,
-                                batches=lambda: self.loaders.train)
+                                batches=lambda: self.loaders.train,
+                                input_shape=(spec.channels, spec.image_size, spec.image_size))
         self.method = build_method(cfg.sparsity, self.model, self.optimizer, context)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.monitor = Monitor(self.run_dir, enabled=self.env.is_main, tensorboard=cfg.monitor.tensorboard,
@@ -114,10 +114,14 @@ class Trainer:
         self.step = 0
         self.best_acc = 0.0
         self.last_eval: dict[str, float] = {}
+        if resume_url is None:
+            self.method.setup()     # before wrapping: at-init scorers see the plain model, DeepSpeed the pruned one
+        self.module, self.optimizer = backend.prepare(model, self.optimizer, micro_batch_size=cfg.data.batch_size,
+                                                      grad_accum_steps=cfg.train.grad_accum_steps,
+                                                      clip_grad_norm=cfg.train.clip_grad_norm)
         if resume_url is not None:
             self._restore(resume_url)
-        else:
-            self.method.setup()
+        backend.attach_masks(self.method.masks)
         if self.env.is_main:
             write_yaml(to_dict(cfg), _join(self.run_dir, "config.yaml"))
 
@@ -140,6 +144,7 @@ class Trainer:
                 self.last_eval = self.evaluate()
                 self.best_acc = max(self.best_acc, self.last_eval["acc"])
             self.method.end_epoch(self.epoch)
+            self.backend.attach_masks(self.method.masks)
             self.epoch += 1
             self._log_epoch(train)
             if self.epoch % cfg.checkpoint.every_epochs == 0 or (last and cfg.checkpoint.save_final):
@@ -175,6 +180,7 @@ class Trainer:
                     continue
                 backend.step(self.optimizer, lambda: self.method.before_step(self.step), cfg.clip_grad_norm)
                 self.method.after_step(self.step)
+                backend.attach_masks(self.method.masks)   # a method may create its MaskSet late; no-op otherwise
                 self.schedule.step()
                 self.step += 1
                 done += 1
@@ -243,8 +249,9 @@ class Trainer:
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "lr_schedule": self.schedule.state_dict(),
+        return {"format": CHECKPOINT_FORMAT, "model": self.backend.model_state_dict(),
+                "optimizer": self.backend.optimizer_state_dict(self.optimizer),
+                "lr_schedule": self.schedule.state_dict(),
                 "method": self.method.state_dict(), "backend": self.backend.state_dict(),
                 "rng": self.backend.all_gather_object(capture_rng()), "epoch": self.epoch, "step": self.step,
                 "best_test_acc": self.best_acc, "world_size": self.env.world_size, "config": to_dict(self.cfg)}
@@ -259,8 +266,8 @@ class Trainer:
         state = load_state(url, map_location=self.device)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{url} is not a sparsetrain checkpoint (format {state.get('format')!r})")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.backend.load_model_state_dict(state["model"])
+        self.backend.load_optimizer_state_dict(self.optimizer, state["optimizer"])
         self.schedule.load_state_dict(state["lr_schedule"])
         self.method.load_state_dict(state["method"])
         self.backend.load_state_dict(state["backend"])

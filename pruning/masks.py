@@ -1,9 +1,14 @@
 """MaskSet: the binary masks of a model, keyed by parameter name, and the only way masks change.
 
 Every change goes through :meth:`MaskSet.update`, which (1) zeroes newly pruned weights, (2) sets regrown weights to
-their value and zeroes their optimizer state, (3) refreshes the multipliers used to mask gradients, and (4) checks
-with a cheap checksum that every rank holds the same masks. Gradients of pruned weights are masked before every
-optimizer step, so pruned weights stay exactly zero under momentum, Adam and weight decay.
+their value, zeroes the optimizer state of dropped and regrown weights, (3) refreshes the multipliers used to mask
+gradients, and (4) checks with a cheap checksum that every rank holds the same masks. Gradients of pruned weights are
+masked before every optimizer step, so pruned weights stay exactly zero under momentum, Adam and weight decay.
+
+Every read or write of weights, gradients and optimizer state goes through a :class:`ParamAccess`. The default one
+works on the parameters as torch holds them (one process, DDP). A backend that keeps the weights somewhere else too
+(DeepSpeed's fp32 master partitions under ZeRO) installs its own with :meth:`MaskSet.set_access`, so every method
+built on the MaskSet is right under that backend without knowing about it.
 """
 
 from __future__ import annotations
@@ -39,10 +44,45 @@ class MaskChange:
     grown: int
 
 
+class ParamAccess:
+    """Where masked weights, their gradients and their optimizer state live: here, in the torch parameters.
+
+    Stateless; a backend whose optimizer keeps its own copy of the weights (DeepSpeed ZeRO) subclasses it.
+    """
+
+    def fill_(self, name: str, param: nn.Parameter, positions: torch.Tensor,
+              values: torch.Tensor | None = None) -> None:
+        """Set ``param`` at ``positions`` (bool, param-shaped) to ``values`` (param-shaped) or to zero."""
+        if values is None:
+            param.masked_fill_(positions, 0.0)
+        else:
+            param.copy_(torch.where(positions, values.to(device=param.device, dtype=param.dtype), param))
+
+    def zero_optimizer_state_(self, name: str, param: nn.Parameter, positions: torch.Tensor,
+                              optimizer: torch.optim.Optimizer) -> None:
+        """Zero every per-element optimizer state of ``param`` at ``positions``."""
+        zero_optimizer_state(optimizer, param, positions)
+
+    def mask_grads_(self, params: Mapping[str, nn.Parameter], factors: Mapping[str, torch.Tensor]) -> None:
+        """Multiply gradients by their 0/1 factors: one fused pass, the hot path of every step."""
+        grads, multipliers = [], []
+        for name, factor in factors.items():
+            grad = params[name].grad
+            if grad is not None:
+                grads.append(grad)
+                multipliers.append(factor)
+        if grads:
+            torch._foreach_mul_(grads, multipliers)
+
+
+TORCH_ACCESS = ParamAccess()
+
+
 class MaskSet:
     """Bool masks for named parameters of the unwrapped model (never keyed by ``id()``)."""
 
-    def __init__(self, params: Mapping[str, nn.Parameter]) -> None:
+    def __init__(self, params: Mapping[str, nn.Parameter], access: ParamAccess = TORCH_ACCESS) -> None:
+        self.access = access
         self.params: dict[str, nn.Parameter] = dict(params)
         self.masks: dict[str, torch.Tensor] = {
             name: torch.ones_like(p, dtype=torch.bool, memory_format=torch.contiguous_format)
@@ -82,37 +122,39 @@ class MaskSet:
                 param = self.params[name]
                 dropped = old & ~new
                 grown = new & ~old
-                param.masked_fill_(~new, 0.0)
-                n_grown = int(grown.sum())
-                if n_grown:
-                    values = grow_values.get(name) if grow_values is not None else None
-                    if values is not None:
-                        param.copy_(torch.where(grown, values.to(param.dtype), param))
-                    if optimizer is not None:
-                        zero_optimizer_state(optimizer, param, grown)
+                self.access.fill_(name, param, ~new)
+                n_grown, n_dropped = int(grown.sum()), int(dropped.sum())
+                values = grow_values.get(name) if grow_values is not None and n_grown else None
+                if values is not None:
+                    self.access.fill_(name, param, grown, values)
+                if optimizer is not None and (n_grown or n_dropped):
+                    # dropped too: momentum or Adam moments left there would move a pruned weight off zero
+                    self.access.zero_optimizer_state_(name, param, dropped | grown, optimizer)
                 self.masks[name] = new.contiguous()
-                changes[name] = MaskChange(dropped=int(dropped.sum()), grown=n_grown)
+                changes[name] = MaskChange(dropped=n_dropped, grown=n_grown)
         self._refresh_factors(new_masks.keys())
         if check:
             self.verify()
         return changes
 
+    def set_access(self, access: ParamAccess) -> None:
+        """Route every later weight, gradient and optimizer-state access through ``access``; re-zero pruned weights.
+
+        Re-zeroing through the new access makes a copy it knows about (e.g. DeepSpeed's fp32 master weights) agree
+        with masks set before it was installed.
+        """
+        self.access = access
+        self.apply_()
+
     def apply_(self) -> None:
         """Zero every pruned weight (after loading weights or masks from elsewhere)."""
         with torch.no_grad():
             for name, mask in self.masks.items():
-                self.params[name].masked_fill_(~mask, 0.0)
+                self.access.fill_(name, self.params[name], ~mask)
 
     def mask_grads_(self) -> None:
         """Zero the gradients of pruned weights, in one fused pass over the layers that have any."""
-        grads, factors = [], []
-        for name, factor in self._factors.items():
-            grad = self.params[name].grad
-            if grad is not None:
-                grads.append(grad)
-                factors.append(factor)
-        if grads:
-            torch._foreach_mul_(grads, factors)
+        self.access.mask_grads_(self.params, self._factors)
 
     def verify(self) -> None:
         """Raise if the masks differ across ranks (no-op on a single process)."""

@@ -47,6 +47,7 @@ class MethodContext:
     steps_per_epoch: int = 1
     epochs: int = 1
     batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    input_shape: tuple[int, ...] | None = None   # one sample's shape (C, H, W): data-free scorers need no batches
 
 
 class SparsityMethod:
