@@ -1,0 +1,81 @@
+"""Structured pruning at initialisation: remove whole output units (rows of a linear, filters of a conv).
+
+Each unit is scored by the L2 norm of its SNIP saliencies |theta * dL/dtheta| over its fan-in, optionally divided
+by its layer's normalised compute (2 * H_in * W_in * C_in * k^2, so expensive layers give up units first), and one
+global ranking over all units decides. The budget is in weights: units are kept in score order while they fit in
+round(density * N), so the kept count falls short of the target by less than one unit. Biases of removed units are
+not prunable parameters and stay as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pruning.masks import MaskSet
+from pruning.methods.base import register_method
+from pruning.methods.snip import DataScoredConfig, DataScoredPruning
+from pruning.scores import (input_sizes, keep_top_units, mean_loss_gradient, scoring_mode, snip_scores,
+                            unit_compute, unit_scores)
+
+
+@dataclass
+class StructuredSNIPConfig(DataScoredConfig):
+    """normalise_compute: divide each unit's score by its layer's normalised compute."""
+
+    normalise_compute: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scope != "global":
+            raise ValueError("scope must be global for structured_snip (one ranking over all units)")
+        if self.iterations != 1:
+            raise ValueError(f"iterations must be 1 for structured_snip (one-shot), got {self.iterations}")
+
+
+@register_method("structured_snip")
+class StructuredSNIP(DataScoredPruning):
+    """Whole rows / filters kept by a global threshold on the L2 norm of their SNIP saliencies."""
+
+    Config = StructuredSNIPConfig
+    config: StructuredSNIPConfig
+
+    def scores(self, iteration: int) -> dict[str, torch.Tensor]:
+        """Per-weight SNIP saliency (the unit ranking is built from it in ``setup``)."""
+        with scoring_mode(self.model, self.config.train_mode):
+            grads = mean_loss_gradient(self.model, self.params, self.scoring_batches())
+        return snip_scores(self.params, grads)
+
+    def unit_scores(self) -> dict[str, torch.Tensor]:
+        """One score per output unit of every prunable layer."""
+        units = unit_scores(self.scores(1))
+        if self.config.normalise_compute:
+            sample = self.scoring_batches()[0][0] if self.scoring_batches() else None
+            if sample is None:
+                raise ValueError("structured_snip needs at least one scoring sample on every rank to measure "
+                                 "layer compute; lower the number of ranks or raise samples_per_class")
+            compute = unit_compute(self.params, input_sizes(self.model, self.params, sample))
+            units = {name: s / compute[name] for name, s in units.items()}
+        return units
+
+    def setup(self) -> None:
+        self.masks = MaskSet(self.params)
+        try:
+            units = self.unit_scores()
+        finally:
+            self._scoring = None
+        unit_size = {name: math.prod(p.shape[1:]) for name, p in self.params.items()}
+        total = sum(p.numel() for p in self.params.values())
+        kept_units = keep_top_units(units, unit_size, round(self.config.density * total))
+        new = {name: keep.view(-1, *([1] * (p.dim() - 1))).expand_as(p)
+               for (name, p), keep in zip(self.params.items(), kept_units.values())}
+        self.masks.update(new, optimizer=self.optimizer)
+        self._check_budget(unit_size, round(self.config.density * total))
+
+    def _check_budget(self, unit_size: dict[str, int], budget: int) -> None:
+        """Kept weights must fit the budget and miss it by less than the largest unit (whole units only)."""
+        kept = sum(int(m.sum()) for _, m in self.masks.items())
+        if not budget - max(unit_size.values()) < kept <= budget:
+            raise RuntimeError(f"structured_snip kept {kept} weights for a budget of {budget}")

@@ -1,0 +1,38 @@
+"""Every YAML under configs/ loads into a checked RunConfig, and its model builds at its data set's shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import models
+from engine.run_config import load_config
+from engine.shapes import data_shape
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_configs_are_found() -> None:
+    assert len(CONFIGS) >= 13 and any("synflow" in str(p) for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_config_loads_and_builds_its_model(path: Path) -> None:
+    cfg = load_config(str(path))
+    shape = data_shape(cfg.data)
+    model = models.build_model(cfg.model.name, in_channels=shape.channels, image_size=shape.image_size,
+                               num_classes=shape.num_classes, **cfg.model.options)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_synflow_configs_follow_the_paper_recipe() -> None:
+    for path in CONFIGS:
+        if path.parent.name != "synflow":
+            continue
+        cfg = load_config(str(path))
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.nesterov, cfg.optim.weight_decay) == ("sgd", 0.1, True, 1e-4)
+        assert (cfg.lr_schedule.name, cfg.lr_schedule.milestones, cfg.lr_schedule.gamma) == ("step", [60, 120], 0.1)
+        assert (cfg.train.epochs, cfg.data.batch_size) == (160, 128)
+        assert cfg.sparsity.method == "synflow" and cfg.sparsity.iterations == 100
