@@ -19,6 +19,8 @@ import fsspec
 from engine.config import ConfigError, to_dict
 from engine.data import check_data_available
 from engine.run_config import RunConfig, load_config
+from launcher.lottery import add_lottery_command
+from launcher.prune import add_prune_command
 
 
 def _is_worker() -> bool:
@@ -94,6 +96,8 @@ def parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="print the summary of a finished run")
     report.add_argument("run_dir", help="the run directory (holds summary.json)")
     report.set_defaults(run=cmd_report)
+    add_prune_command(commands)
+    add_lottery_command(commands)
     return root
 
 

@@ -110,3 +110,23 @@ def global_top_k(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.
         masks[name] = keep[start:start + score.numel()].reshape(score.shape)
         start += score.numel()
     return masks
+
+
+def keep_top_k_per_row(scores: torch.Tensor, counts: torch.Tensor | int) -> torch.Tensor:
+    """Bool mask of a 2-D ``scores`` keeping the ``counts[i]`` highest of row i; ties go to the lowest index.
+
+    Per-unit pruning (every output row / filter to the same fraction) needs one exact budget per row; a stable
+    descending sort gives each entry its rank in its row, so the rule matches :func:`keep_top_k` row by row.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D (units x fan-in), got shape {tuple(scores.shape)}")
+    rows, n = scores.shape
+    budget = torch.as_tensor(counts, device=scores.device).expand(rows)
+    if bool((budget < 0).any()) or bool((budget > n).any()):
+        raise ValueError(f"cannot keep {budget.tolist()} of {n} scores per row")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN; the scorer overflowed or divided by zero")
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, device=scores.device).expand(rows, n))
+    return rank < budget.unsqueeze(1)

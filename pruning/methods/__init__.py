@@ -1,6 +1,7 @@
 """Sparsity methods, one small file each; importing this package registers them all."""
 
-from pruning.methods import at_init, dense  # noqa: F401  (registration side effects)
+from pruning.methods import at_init, dense, gradual, lottery, union_mask, unit  # noqa: F401  (registers them)
+from pruning.methods import grasp, snip, structured_snip, synflow  # noqa: F401  (pruning at init scorers)
 from pruning.methods.base import (MethodConfig, MethodContext, SparsityMethod, build_method, list_methods,
                                   method_class, register_method)
 

@@ -1,0 +1,41 @@
+"""``python -m launcher lottery CONFIG [key=value ...]``: iterative magnitude pruning, level by level.
+
+The config's ``sparsity`` section uses ``method: lottery_level`` (levels, prune_fraction, scope, rewind_step); every
+level is a normal training run under ``<output_dir>/<name>/level-NN`` (see ``engine/lottery.py``). Re-running the same
+command skips finished levels and resumes the current one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.config import ConfigError
+
+
+def cmd_lottery(args: argparse.Namespace) -> int:
+    from launcher.cli import _fail, _is_worker, check
+
+    if _is_worker():
+        return _fail("config", "the lottery command runs its levels in one process; start it without torchrun")
+    try:
+        cfg = check(args.config, args.overrides)
+        from engine.lottery import check_lottery, format_lottery, lottery_parent, run_lottery
+
+        check_lottery(cfg)
+        lottery_parent(cfg)
+    except ConfigError as error:
+        return _fail("config", str(error))
+    except FileNotFoundError as error:
+        return _fail("data", str(error))
+    rows = run_lottery(cfg)
+    print(format_lottery(rows), file=sys.stdout)
+    return 0
+
+
+def add_lottery_command(commands: argparse._SubParsersAction) -> None:
+    """Register ``lottery`` on the launcher's sub-command parser."""
+    lottery = commands.add_parser("lottery", help="iterative magnitude pruning: train, prune, rewind, repeat")
+    lottery.add_argument("config", nargs="?", help="YAML config whose sparsity.method is lottery_level")
+    lottery.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sparsity.levels=5")
+    lottery.set_defaults(run=cmd_lottery)
