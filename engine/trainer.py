@@ -305,7 +305,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     device = pick_device(cfg.train.device, env)
     backend = build_backend(cfg.parallel, env, device, cfg.train.precision)
     try:
-        return Trainer(cfg, backend).fit()
+        summary = Trainer(cfg, backend).fit()
+        backend.barrier()   # rank 0 may still be writing: a rank that tears the group down early can abort gloo
+        return summary
     finally:
         backend.shutdown()
 

@@ -13,13 +13,13 @@ reproduced). Each schedule is a small registered class with its own typed config
 from __future__ import annotations
 
 import abc
-import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-_SCHEDULES: dict[str, type[Schedule]] = {}
+from pruning.registry import Registry
+
 Time = int | float   # steps (int) or a fraction of the run (float in (0, 1])
 
 
@@ -184,29 +184,21 @@ class Schedule(abc.ABC):
         return 0.0 if last is None else (self.final if last == self.end else self.value(last))
 
 
+_SCHEDULES: Registry[type[Schedule]] = Registry("sparsity schedule", "name")
+
+
 def register_schedule(name: str) -> Callable[[type[Schedule]], type[Schedule]]:
     """Class decorator: make a schedule available as ``schedule.name: <name>``."""
-    def add(cls: type[Schedule]) -> type[Schedule]:
-        if name in _SCHEDULES:
-            raise ValueError(f"schedule '{name}' is registered twice")
-        cls.name = name
-        _SCHEDULES[name] = cls
-        return cls
-    return add
+    return _SCHEDULES.register(name)
 
 
 def schedule_class(name: str) -> type[Schedule]:
     """The schedule registered as ``name``; a one-line error lists the valid names otherwise."""
-    if name not in _SCHEDULES:
-        close = difflib.get_close_matches(str(name), list(_SCHEDULES), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"name '{name}' is not a known sparsity schedule{hint}; "
-                         f"valid: {', '.join(sorted(_SCHEDULES))}")
-    return _SCHEDULES[name]
+    return _SCHEDULES.get(name)
 
 
 def list_schedules() -> list[str]:
-    return sorted(_SCHEDULES)
+    return _SCHEDULES.names()
 
 
 def build_schedule(config: ScheduleConfig, total_steps: int) -> Schedule:

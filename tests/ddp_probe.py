@@ -21,6 +21,7 @@ def main(out_dir: str, overrides: list[str]) -> None:
         masks = trainer.method.masks.state_dict() if trainer.method.masks is not None else {}
         torch.save({"model": trainer.model.state_dict(), "masks": masks, "summary_steps": summary["steps"],
                     "world_size": summary["world_size"]}, f"{out_dir}/rank{env.rank}.pt")
+        backend.barrier()
     finally:
         backend.shutdown()
 

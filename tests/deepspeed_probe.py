@@ -140,6 +140,7 @@ def main(out_dir: str, scenarios: list[str]) -> None:
         run(label, [item for item in spec.split(",") if item], out, env)
     torch.save(out, f"{out_dir}/rank{env.rank}.pt")
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()   # no rank tears the group down while another still uses it
         torch.distributed.destroy_process_group()
 
 

@@ -32,6 +32,7 @@ def main(out_dir: str) -> None:
         seen = balanced_batches(loaders.train, model, cfg.samples_per_class, rank, world)
         result[f"{cfg.method}_samples"] = torch.cat([x.reshape(len(x), -1) for x, _ in seen])
     torch.save(result, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()   # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from engine.config import ConfigError, apply_overrides, to_dict
-from engine.run_config import RunConfig, load_config
+from engine.run_config import load_config
 from pruning.methods.at_init import AtInitConfig
 
 REPO = Path(__file__).resolve().parents[1]

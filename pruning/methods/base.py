@@ -8,7 +8,6 @@ A method is a small class with its own typed config. The trainer calls it at fix
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -17,9 +16,9 @@ import torch
 from torch import nn
 
 from pruning.masks import LayerStat, MaskSet, dense_stats
+from pruning.registry import Registry
 from pruning.targets import TargetConfig, prunable_parameters
 
-_METHODS: dict[str, type[SparsityMethod]] = {}
 
 
 @dataclass
@@ -107,32 +106,25 @@ class SparsityMethod:
         self.masks.verify()
 
 
+_METHODS: Registry[type[SparsityMethod]] = Registry("sparsity method", "method")
+
+
 def register_method(name: str) -> Callable[[type[SparsityMethod]], type[SparsityMethod]]:
     """Class decorator: make a method available as ``sparsity.method: <name>``."""
-    def add(cls: type[SparsityMethod]) -> type[SparsityMethod]:
-        if name in _METHODS:
-            raise ValueError(f"sparsity method '{name}' is registered twice")
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-    return add
+    return _METHODS.register(name)
 
 
 def method_class(name: str) -> type[SparsityMethod]:
     """The method registered as ``name``; a one-line error lists the valid names otherwise."""
-    if name not in _METHODS:
-        close = difflib.get_close_matches(str(name), list(_METHODS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"method '{name}' is not a known sparsity method{hint}; valid: {', '.join(list_methods())}")
-    return _METHODS[name]
+    return _METHODS.get(name)
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    return _METHODS.names()
 
 
 def registered() -> Iterator[tuple[str, type[SparsityMethod]]]:
-    return iter(sorted(_METHODS.items()))
+    return iter(_METHODS.items())
 
 
 def build_method(config: MethodConfig, model: nn.Module, optimizer: torch.optim.Optimizer | None,

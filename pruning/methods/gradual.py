@@ -167,26 +167,21 @@ class ScheduledPruning(SparsityMethod, abc.ABC):
 
 
 @dataclass
-class GradualConfig(MethodConfig):
-    """schedule: sparsity over time; scope: unit (every row/filter alike), layer or global; carry_mask: see module."""
+class OnScheduleConfig(MethodConfig):
+    """schedule: sparsity over time; carry_mask: pruned weights stay pruned (see module)."""
 
     schedule: ScheduleConfig = field(default_factory=LinearConfig)
-    scope: WeightScope = "unit"
     carry_mask: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, ScheduleConfig):
             raise ValueError(f"schedule must be a schedule config (e.g. name: linear), got {self.schedule!r}")
-        if self.scope not in WEIGHT_SCOPES:
-            raise ValueError(f"scope must be one of {', '.join(WEIGHT_SCOPES)}, got {self.scope!r}")
 
 
-@register_method("gradual")
-class GradualMagnitude(ScheduledPruning):
-    """Gradual magnitude pruning: keep the largest |W| at every prune time of the schedule."""
+class OnSchedule(ScheduledPruning):
+    """A method that prunes at the prune times of one schedule from its config."""
 
-    Config = GradualConfig
-    config: GradualConfig
+    config: OnScheduleConfig
 
     def __init__(self, config: MethodConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                  context: MethodContext) -> None:
@@ -195,6 +190,26 @@ class GradualMagnitude(ScheduledPruning):
 
     def keeps_values(self) -> bool:
         return not self.config.carry_mask
+
+
+@dataclass
+class GradualConfig(OnScheduleConfig):
+    """scope: unit (every row/filter alike), layer or global."""
+
+    scope: WeightScope = "unit"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scope not in WEIGHT_SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(WEIGHT_SCOPES)}, got {self.scope!r}")
+
+
+@register_method("gradual")
+class GradualMagnitude(OnSchedule):
+    """Gradual magnitude pruning: keep the largest |W| at every prune time of the schedule."""
+
+    Config = GradualConfig
+    config: GradualConfig
 
     def prune_at(self, t: int) -> None:
         if not self.schedule.is_prune_step(t):

@@ -10,30 +10,26 @@ on, pruned units stay pruned; off, pruned units compete with the norm of their s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from pruning.methods.base import MethodConfig, MethodContext, register_method
-from pruning.methods.gradual import ScheduledPruning, keep_count
-from pruning.schedules import LinearConfig, Schedule, ScheduleConfig, build_schedule
+from pruning.methods.base import register_method
+from pruning.methods.gradual import OnSchedule, OnScheduleConfig, keep_count
 from pruning.selection import global_top_k, keep_top_k
 
 UnitScope = Literal["layer", "global"]
 
 
 @dataclass
-class UnitConfig(MethodConfig):
-    """schedule: sparsity (fraction of units pruned) over time; scope: layer or global; carry_mask: see module."""
+class UnitConfig(OnScheduleConfig):
+    """The schedule's sparsity is the fraction of units pruned; scope: layer or global."""
 
-    schedule: ScheduleConfig = field(default_factory=LinearConfig)
     scope: UnitScope = "layer"
-    carry_mask: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.schedule, ScheduleConfig):
-            raise ValueError(f"schedule must be a schedule config (e.g. name: linear), got {self.schedule!r}")
+        super().__post_init__()
         if self.scope not in ("layer", "global"):
             raise ValueError(f"scope must be layer or global, got {self.scope!r}")
 
@@ -44,19 +40,11 @@ def unit_mask(keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 @register_method("unit")
-class UnitPruning(ScheduledPruning):
+class UnitPruning(OnSchedule):
     """Prune whole output units with the smallest L2 norm at every prune time of the schedule."""
 
     Config = UnitConfig
     config: UnitConfig
-
-    def __init__(self, config: MethodConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                 context: MethodContext) -> None:
-        super().__init__(config, model, optimizer, context)
-        self.schedule: Schedule = build_schedule(self.config.schedule, self.total_steps)
-
-    def keeps_values(self) -> bool:
-        return not self.config.carry_mask
 
     def unit_scores(self) -> dict[str, torch.Tensor]:
         """L2 norm per output unit (stored weights for pruned units); -inf for pruned units under carry_mask."""
