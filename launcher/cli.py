@@ -102,7 +102,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    root = parser()
+    args, extra = root.parse_known_args(argv)
+    # key=value overrides may come after options too (argparse stops collecting positionals at the first option)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        root.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if getattr(args, "config", None) and "=" in args.config:   # overrides only, no file
         args.overrides = [args.config, *args.overrides]
         args.config = None

@@ -107,3 +107,13 @@ def test_launcher_rejects_missing_data(tmp_path: Path) -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("data error: ") and "data.download=true" in lines[0]
+
+
+def test_overrides_may_follow_options(tmp_path: Path) -> None:
+    """`train --print-config key=value` and `train key=value --print-config` mean the same; junk is refused."""
+    after = subprocess.run([sys.executable, "-m", "launcher", "train", "--print-config", "optim.lr=0.03"],
+                           cwd=REPO, capture_output=True, text=True)
+    assert after.returncode == 0 and yaml.safe_load(after.stdout)["optim"]["lr"] == 0.03
+    junk = subprocess.run([sys.executable, "-m", "launcher", "train", "--print-config", "--bogus"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert junk.returncode == 2 and "unrecognized arguments: --bogus" in junk.stderr
