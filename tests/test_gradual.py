@@ -175,6 +175,21 @@ def test_union_mask_cycles_round_to_whole_steps() -> None:
     assert method.cycle_sparsity(3) == method.cycle_sparsity(7) == pytest.approx(0.6)
 
 
+def test_union_mask_cycle_length_as_written() -> None:
+    """cycle = C (ALGORITHMS.md's form): boundaries every C steps; C that does not tile the window is refused."""
+    context = MethodContext(steps_per_epoch=20)
+    by_length = build_method(UnionMaskConfig(method="union_mask", end=12, cycle=4), nn.Linear(4, 1), None, context)
+    by_count = build_method(UnionMaskConfig(method="union_mask", end=12, cycles=3), nn.Linear(4, 1), None, context)
+    assert by_length.bounds == by_count.bounds == [0, 4, 8, 12]
+    as_fraction = build_method(UnionMaskConfig(method="union_mask", end=0.6, cycle=0.2), nn.Linear(4, 1), None,
+                               context)
+    assert as_fraction.bounds == [0, 4, 8, 12]
+    with pytest.raises(ValueError, match="^cycle: end - start \\(12 steps\\) must hold a whole number"):
+        build_method(UnionMaskConfig(method="union_mask", end=12, cycle=5), nn.Linear(4, 1), None, context)
+    with pytest.raises(ValueError, match="^cycles and cycle both set"):
+        UnionMaskConfig(cycle=4, cycles=3)
+
+
 class ConvFc(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -1,7 +1,8 @@
 """Union Mask: cyclical magnitude pruning whose cycles' masks are OR-ed into one union before a last linear ramp.
 
-Between ``start`` and ``end`` there are ``cycles`` cycles of C = (end - start) / cycles steps (boundaries rounded to
-whole steps, so a fraction-of-training config works for any run length). In every cycle but the last, the sparsity
+Between ``start`` and ``end`` the cycles have length C, given either as ALGORITHMS.md writes it (``cycle``: C in steps
+or as a fraction of training; end - start must then hold a whole number of cycles) or as a count (``cycles``: C =
+(end - start) / cycles, boundaries rounded to whole steps, so a fraction-of-training config fits any run length). In every cycle but the last, the sparsity
 follows the half-cycle ramp s_f sin(pi/2 * phase / C), reaching s_f exactly on the cycle's last step (the boundary
 belongs to the cycle it ends); there the mask is OR-ed into the union U and reset to all ones, and the pruned weights
 come back with the values they had when pruned (stored; fresh optimizer state). At ``end - C`` the mask becomes U
@@ -28,13 +29,15 @@ from pruning.targets import TargetConfig
 
 @dataclass
 class UnionMaskConfig(MethodConfig):
-    """final_sparsity at ``end``; ``cycles`` cycles from start to end; start / end / prune_freq: steps or fractions."""
+    """final_sparsity at ``end``; cycle length ``cycle`` or a number of ``cycles`` (default 10) from start to end;
+    start / end / cycle / prune_freq: steps or fractions of training."""
 
     targets: TargetConfig = field(default_factory=lambda: TargetConfig(exclude_roles=["shortcut", "classifier"]))
     final_sparsity: float = 0.9
     start: Time = 0
     end: Time = 0.5
-    cycles: int = 10            # the last one included
+    cycle: Time | None = None   # C, as ALGORITHMS.md writes it
+    cycles: int | None = None   # or the number of cycles, the last one included (10 when neither is given)
     prune_freq: Time = 100
     scope: WeightScope = "unit"
     carry_mask: bool = False    # within the cycles before the last; the last cycle always carries the mask
@@ -45,7 +48,11 @@ class UnionMaskConfig(MethodConfig):
                              f"got {self.final_sparsity}")
         check_time("start", self.start, zero_ok=True)
         check_time("end", self.end, zero_ok=False)
-        if self.cycles < 2:
+        if self.cycle is not None and self.cycles is not None:
+            raise ValueError("cycles and cycle both set; give the cycle length C (cycle) or the number of cycles")
+        if self.cycle is not None:
+            check_time("cycle", self.cycle, zero_ok=False)
+        if self.cycles is not None and self.cycles < 2:
             raise ValueError(f"cycles must be at least 2 (cycles that collect the union, then the last ramp), "
                              f"got {self.cycles}")
         check_time("prune_freq", self.prune_freq, zero_ok=False)
@@ -69,11 +76,19 @@ class UnionMask(ScheduledPruning):
         if self.end > total:
             raise ValueError(f"end ({self.end} steps) is after the run's last step ({total}); the final sparsity "
                              "would never be reached")
-        if self.end - self.start < cfg.cycles:
-            raise ValueError(f"cycles: {cfg.cycles} cycles do not fit between start ({self.start}) and end "
-                             f"({self.end}) steps; use fewer cycles or a longer window")
         span = self.end - self.start
-        self.bounds = [self.start + round(k * span / cfg.cycles) for k in range(cfg.cycles + 1)]
+        if cfg.cycle is not None:
+            length = to_steps(cfg.cycle, total)
+            if length < 1 or span % length or span // length < 2:
+                raise ValueError(f"cycle: end - start ({span} steps) must hold a whole number (at least 2) of cycles "
+                                 f"of {length} steps; change cycle, start or end")
+            count = span // length
+        else:
+            count = cfg.cycles if cfg.cycles is not None else 10
+        if span < count:
+            raise ValueError(f"cycles: {count} cycles do not fit between start ({self.start}) and end "
+                             f"({self.end}) steps; use fewer cycles or a longer window")
+        self.bounds = [self.start + round(k * span / count) for k in range(count + 1)]
         self.last_start = self.bounds[-2]
         self.union: dict[str, torch.Tensor] = {}
         self.union_sparsity: float | None = None   # largest per-layer sparsity of U, set at end - C
