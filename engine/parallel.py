@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -263,6 +264,16 @@ class DDPBackend(Backend):
         dist.barrier()
 
     def shutdown(self) -> None:
+        """Free the wrapped model, then the process group.
+
+        A DDP reducer (or DeepSpeed engine) that is garbage-collected after its process group is destroyed aborts the
+        process ("terminate called without an active exception"): the trainer that holds it sits in a reference
+        cycle, so it is freed only by the collector, at a moment of the collector's choosing. Collect it here first.
+        """
+        for attribute in ("module", "_optimizer"):
+            if hasattr(self, attribute):
+                setattr(self, attribute, None)
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 

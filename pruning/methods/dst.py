@@ -1,0 +1,402 @@
+"""Dynamic sparse training (ALGORITHMS.md section 3): SET, RigL and DSR on one base.
+
+The base builds random initial masks at ``density`` with per-layer budgets from ``distribution`` (uniform, ER, ERK),
+then, every ``period`` optimizer steps until ``stop_epoch``, asks the subclass for new masks and applies them through
+``MaskSet.update`` (which zeroes dropped weights, sets grown ones, zeroes their optimizer state and checks that every
+rank agrees). Time follows the project's rule: ``after_step(step)`` is t = step + 1 steps done, and an update runs
+when t is a multiple of the period in force at the epoch of ``step``. Every random choice comes from
+``seeded_generator(seed, step, purpose/layer)``, so ranks agree with no communication.
+
+Total active weights are conserved by every update (checked: a method that loses or invents weights raises).
+"""
+
+from __future__ import annotations
+
+import abc
+import bisect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from pruning.agreement import seeded_generator
+from pruning.masks import MaskChange, MaskSet, ParamAccess
+from pruning.methods.base import MethodConfig, MethodContext, SparsityMethod, register_method
+from pruning.selection import global_top_k, keep_top_k, layer_counts, layer_densities
+from pruning.targets import TargetConfig
+
+GrowInit = Literal["zero", "reinit"]
+
+
+@dataclass
+class DSTConfig(MethodConfig):
+    """density: fraction kept; distribution: initial per-layer budgets; period (steps) between updates, changed to
+    ``periods[i]`` from epoch ``period_epochs[i]`` on; no update from ``stop_epoch`` on (null: never stop);
+    grow_init: regrown weights start at zero or re-initialised U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+
+    density: float = 0.1
+    distribution: Literal["uniform", "er", "erk"] = "uniform"
+    period: int = 100
+    period_epochs: list[int] = field(default_factory=list)
+    periods: list[int] = field(default_factory=list)
+    stop_epoch: int | None = None
+    grow_init: GrowInit = "zero"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.density < 1.0:
+            raise ValueError(f"density must be in (0, 1) (the fraction of weights kept), got {self.density}")
+        if self.period < 1:
+            raise ValueError(f"period must be at least 1 step, got {self.period}")
+        if len(self.period_epochs) != len(self.periods):
+            raise ValueError(f"period_epochs has {len(self.period_epochs)} entries and periods {len(self.periods)}; "
+                             "give one period per starting epoch")
+        if any(e < 0 for e in self.period_epochs) or any(
+                b <= a for a, b in zip(self.period_epochs, self.period_epochs[1:])):
+            raise ValueError(f"period_epochs must be non-negative and strictly increasing, got {self.period_epochs}")
+        if any(p < 1 for p in self.periods):
+            raise ValueError(f"periods must all be at least 1 step, got {self.periods}")
+        if self.stop_epoch is not None and self.stop_epoch < 0:
+            raise ValueError(f"stop_epoch must be non-negative or null, got {self.stop_epoch}")
+        if self.grow_init not in ("zero", "reinit"):
+            raise ValueError(f"grow_init must be zero or reinit, got {self.grow_init!r}")
+
+
+class DynamicSparse(SparsityMethod, abc.ABC):
+    """Random sparse start, then periodic drop-and-grow through the MaskSet; subclasses say what changes."""
+
+    Config = DSTConfig
+    config: DSTConfig
+
+    def __init__(self, config: MethodConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                 context: MethodContext) -> None:
+        super().__init__(config, model, optimizer, context)
+        self.steps_per_epoch = max(1, context.steps_per_epoch)
+        stop = self.config.stop_epoch if self.config.stop_epoch is not None else context.epochs
+        self.stop_step = stop * self.steps_per_epoch          # T_end: the first step with no update
+        self.updates = 0
+        self.last_changes: dict[str, MaskChange] = {}
+        self.last_step = -1
+
+    # ------------------------------------------------------------ schedule
+    def period_at(self, epoch: int) -> int:
+        """The period in force at ``epoch``: ``period`` until the first of ``period_epochs``, then its ``periods``."""
+        i = bisect.bisect_right(self.config.period_epochs, epoch) - 1
+        return self.config.periods[i] if i >= 0 else self.config.period
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether ``after_step(step)`` changes the masks."""
+        if step >= self.stop_step:
+            return False
+        return (step + 1) % self.period_at(step // self.steps_per_epoch) == 0
+
+    # ------------------------------------------------------------ hooks
+    def setup(self) -> None:
+        """Random masks with the distribution's exact per-layer counts (seeded: the same on every rank)."""
+        self.masks = MaskSet(self.params)
+        shapes = {name: p.shape for name, p in self.params.items()}
+        counts = layer_counts(shapes, self.config.density, self.config.distribution)
+        new = {name: keep_top_k(self.random_scores(0, "init", name), counts[name]) for name in self.params}
+        self.masks.update(new, optimizer=self.optimizer)
+
+    def after_step(self, step: int) -> None:
+        if not self.is_update_step(step):
+            return
+        assert self.masks is not None, "setup() or load_state_dict() first"
+        before = {name: int(m.sum()) for name, m in self.masks.items()}
+        with torch.no_grad():
+            new = self.new_masks(step)
+        grow = self.grow_values(step)
+        self.last_changes = self.masks.update(new, optimizer=self.optimizer, grow_values=grow)
+        self.check_conserved(before)
+        self.updates += 1
+        self.last_step = step
+
+    @abc.abstractmethod
+    def new_masks(self, step: int) -> dict[str, torch.Tensor]:
+        """The masks after this update (every layer); the active count must be conserved."""
+
+    # ------------------------------------------------------------ helpers
+    def random_scores(self, step: int, purpose: str, name: str) -> torch.Tensor:
+        """U(0, 1) scores shaped like the layer, from the (seed, step, purpose/name) stream."""
+        param = self.params[name]
+        generator = seeded_generator(self.context.seed, step, f"{purpose}/{name}")
+        return torch.rand(param.shape, generator=generator).to(param.device)
+
+    def grow_values(self, step: int) -> dict[str, torch.Tensor] | None:
+        """Values of regrown weights: None (zero) or a seeded re-initialisation at torch's default scale."""
+        if self.config.grow_init == "zero":
+            return None
+        values = {}
+        for name, param in self.params.items():
+            fan_in = param[0].numel() if param.dim() > 1 else 1
+            bound = 1.0 / math.sqrt(fan_in)
+            values[name] = (self.random_scores(step, "reinit", name) * 2.0 - 1.0) * bound
+        return values
+
+    def check_conserved(self, before: dict[str, int]) -> None:
+        """Raise if the update changed the total number of active weights (a bug in the method, never rounding)."""
+        assert self.masks is not None
+        after = sum(int(m.sum()) for _, m in self.masks.items())
+        if after != sum(before.values()):
+            raise RuntimeError(f"{self.name} changed the active weight count from {sum(before.values())} to {after}; "
+                               "drop-and-grow must conserve it")
+
+    # ------------------------------------------------------------ reporting
+    def layer_targets(self) -> dict[str, float] | None:
+        shapes = {name: p.shape for name, p in self.params.items()}
+        return layer_densities(shapes, self.config.density, self.config.distribution)
+
+    def metrics(self) -> dict[str, float]:
+        """The latest update's churn and every layer's density (the trainer logs these at epoch ends)."""
+        out: dict[str, float] = {"dst/updates": float(self.updates), "dst/last_update_step": float(self.last_step)}
+        for name, change in self.last_changes.items():
+            out[f"dst/dropped/{name}"] = float(change.dropped)
+            out[f"dst/grown/{name}"] = float(change.grown)
+        if self.masks is not None:
+            for name, mask in self.masks.items():
+                out[f"dst/density/{name}"] = float(mask.sum()) / mask.numel()
+        return out
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["updates"] = self.updates
+        state["last_step"] = self.last_step
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.updates = int(state.get("updates", 0))
+        self.last_step = int(state.get("last_step", -1))
+
+
+# ---------------------------------------------------------------------------------------------------- SET / RigL
+@dataclass
+class SETConfig(DSTConfig):
+    """drop_fraction f: each update drops int(f_t * active) + 1 per layer; f_t = f (constant) or, with
+    drop_decay cosine, f / 2 (1 + cos(pi t / T_end)), T_end = the first step of stop_epoch (or the run's end).
+    Typical f for WRN-28-2 at 90% sparsity: 0.138 (the DSR paper's SET baseline); RigL's paper uses 0.3, cosine."""
+
+    drop_fraction: float = 0.3
+    drop_decay: Literal["constant", "cosine"] = "constant"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.drop_fraction < 1.0:
+            raise ValueError(f"drop_fraction must be in (0, 1), got {self.drop_fraction}")
+        if self.drop_decay not in ("constant", "cosine"):
+            raise ValueError(f"drop_decay must be constant or cosine, got {self.drop_decay!r}")
+
+
+@register_method("set")
+class SET(DynamicSparse):
+    """Sparse Evolutionary Training: per layer, drop the int(f_t * active) + 1 smallest |w| and regrow as many.
+
+    Grow candidates are all positions inactive after the drop, the just-dropped ones included (as RigL's reference
+    does). A weight dropped and regrown in the same update is simply kept: its value and optimizer state are left
+    alone, and it counts as neither dropped nor grown. Newly grown weights start at ``grow_init`` (zero by default)
+    with zero optimizer state. Per-layer active counts are conserved exactly.
+    """
+
+    Config = SETConfig
+    config: SETConfig
+
+    def drop_fraction(self, step: int) -> float:
+        """f_t at t = step + 1 steps done."""
+        f = self.config.drop_fraction
+        if self.config.drop_decay == "constant":
+            return f
+        return f / 2.0 * (1.0 + math.cos(math.pi * min(step + 1, self.stop_step) / max(1, self.stop_step)))
+
+    def grow_scores(self, step: int, name: str) -> torch.Tensor:
+        """Higher = grown first. SET: uniform random from the (seed, step, grow/name) stream."""
+        return self.random_scores(step, "grow", name)
+
+    def new_masks(self, step: int) -> dict[str, torch.Tensor]:
+        assert self.masks is not None
+        fraction = self.drop_fraction(step)
+        new = {}
+        for name, param in self.params.items():
+            mask = self.masks[name]
+            active = int(mask.sum())
+            n = min(active, int(fraction * active) + 1)
+            magnitude = param.detach().abs().masked_fill(~mask, -math.inf)
+            kept = keep_top_k(magnitude, active - n)               # ties: the lowest index survives
+            scores = self.grow_scores(step, name).to(magnitude.dtype).masked_fill(kept, -math.inf)
+            new[name] = kept | keep_top_k(scores, n)
+        return new
+
+
+@dataclass
+class RigLConfig(SETConfig):
+    """SET's settings; the drop fraction decays by cosine by default, as in the RigL paper."""
+
+    drop_decay: Literal["constant", "cosine"] = "cosine"
+
+
+@register_method("rigl")
+class RigL(SET):
+    """RigL: SET's drop, but grow where |dense gradient| is largest among inactive positions.
+
+    The dense gradient is the one of this step, already reduced over ranks (DDP, DeepSpeed stage 0), copied in
+    ``before_step`` of update steps before the pruned entries are masked. Backends that keep the reduced gradient
+    outside ``param.grad`` (DeepSpeed ZeRO 1/2) are refused there, loudly.
+    """
+
+    Config = RigLConfig
+    config: RigLConfig
+
+    def __init__(self, config: MethodConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                 context: MethodContext) -> None:
+        super().__init__(config, model, optimizer, context)
+        self.dense_grads: dict[str, torch.Tensor] = {}
+
+    def before_step(self, step: int) -> None:
+        if self.is_update_step(step):
+            if self.masks is not None and type(self.masks.access) is not ParamAccess:
+                raise RuntimeError(f"rigl reads the reduced dense gradient from param.grad, but this backend keeps "
+                                   f"gradients elsewhere ({type(self.masks.access).__name__}, DeepSpeed ZeRO 1/2); "
+                                   "use parallel.backend=ddp or zero_stage 0")
+            for name, param in self.params.items():
+                if param.grad is None:
+                    raise RuntimeError(f"rigl needs the dense gradient of {name} in param.grad at step {step}; this "
+                                       "backend keeps it elsewhere (DeepSpeed ZeRO 1/2): use ddp or zero_stage 0")
+                self.dense_grads[name] = param.grad.detach().abs().clone()
+        super().before_step(step)
+
+    def grow_scores(self, step: int, name: str) -> torch.Tensor:
+        if name not in self.dense_grads:
+            raise RuntimeError(f"rigl has no gradient of {name} for the update after step {step}; before_step must "
+                               "run on every update step")
+        return self.dense_grads[name]
+
+    def after_step(self, step: int) -> None:
+        try:
+            super().after_step(step)
+        finally:
+            self.dense_grads = {}
+
+
+# ---------------------------------------------------------------------------------------------------- DSR
+@dataclass
+class DSRConfig(DSTConfig):
+    """threshold_init: H at the start; target_pruned: N_p, the number of weights each update should prune
+    (20000 for WRN-28-2, 400000 for ResNet-50). Defaults: DSR's period schedule; stem, shortcuts and classifier
+    dense."""
+
+    targets: TargetConfig = field(
+        default_factory=lambda: TargetConfig(exclude_roles=["stem", "shortcut", "classifier"]))
+    period_epochs: list[int] = field(default_factory=lambda: [0, 25, 80, 140])
+    periods: list[int] = field(default_factory=lambda: [100, 200, 400, 800])
+    threshold_init: float = 1e-3
+    target_pruned: int = 20000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.threshold_init > 0.0:
+            raise ValueError(f"threshold_init must be positive, got {self.threshold_init}")
+        if self.target_pruned < 1:
+            raise ValueError(f"target_pruned must be at least 1, got {self.target_pruned}")
+
+
+def dsr_shares(total: int, survivors: list[int], capacity: list[int], generator: torch.Generator) -> list[int]:
+    """Split ``total`` regrowths: layer l gets floor(total * R_l / sum R), the remainder goes to one random layer,
+    and what exceeds a layer's capacity spills over the same way to the layers that still have room."""
+    if total > sum(capacity):
+        raise ValueError(f"cannot regrow {total} weights in capacity {sum(capacity)}")
+    counts = [0] * len(survivors)
+    remaining = total
+    free = [i for i, c in enumerate(capacity) if c > 0]
+    while remaining > 0:
+        weight = sum(survivors[i] for i in free)
+        shares = {i: (remaining * survivors[i]) // weight if weight > 0 else 0 for i in free}
+        lucky = free[int(torch.randint(len(free), (1,), generator=generator))]
+        shares[lucky] += remaining - sum(shares.values())
+        for i, share in shares.items():
+            counts[i] += min(share, capacity[i] - counts[i])
+        remaining = total - sum(counts)
+        free = [i for i in free if counts[i] < capacity[i]]
+    return counts
+
+
+@register_method("dsr")
+class DSR(DynamicSparse):
+    """Dynamic sparse reparameterisation, as ALGORITHMS.md section 3 writes it.
+
+    (1) Drop every active weight with |w| < H (one global threshold), but keep each layer's largest active weight
+    so no layer empties. (2) K = the number dropped; layer l regrows floor(K R_l / sum R) (R_l = its surviving
+    active count), the remainder going to one random layer, with overflow beyond a layer's capacity (its inactive
+    positions, the just-dropped excluded) spilled over the same way. (3) Regrow at random inactive positions, the
+    just-dropped excluded, new weights zero (``grow_init``). (4) H halves if K > 1.1 N_p and doubles if K < 0.9 N_p.
+    If more weights fall under H than the network has room to regrow (only above ~50% density), only the smallest
+    ones that fit are dropped, so the active count is conserved.
+    """
+
+    Config = DSRConfig
+    config: DSRConfig
+
+    def __init__(self, config: MethodConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                 context: MethodContext) -> None:
+        super().__init__(config, model, optimizer, context)
+        self.threshold = self.config.threshold_init
+        self.last_pruned = 0
+
+    def new_masks(self, step: int) -> dict[str, torch.Tensor]:
+        assert self.masks is not None
+        names = list(self.params)
+        drop: dict[str, torch.Tensor] = {}
+        for name in names:
+            mask = self.masks[name]
+            magnitude = self.params[name].detach().abs().masked_fill(~mask, math.inf)
+            below = mask & (magnitude < self.threshold)
+            if mask.any() and bool((below == mask).all()):                # would empty the layer: keep its largest
+                largest = torch.argmax(magnitude.masked_fill(~mask, -math.inf).reshape(-1))
+                below.view(-1)[largest] = False
+            drop[name] = below
+        capacity = [int((~self.masks[n]).sum()) for n in names]
+        drop = self._fit_capacity(drop, sum(capacity))
+        survivors = [int((self.masks[n] & ~drop[n]).sum()) for n in names]
+        pruned = sum(int(d.sum()) for d in drop.values())
+        shares = dsr_shares(pruned, survivors, capacity, seeded_generator(self.context.seed, step, "dsr/remainder"))
+        new = {}
+        for name, count in zip(names, shares):
+            scores = self.random_scores(step, "grow", name).masked_fill(self.masks[name], -math.inf)
+            new[name] = (self.masks[name] & ~drop[name]) | keep_top_k(scores, count)
+        self.last_pruned = pruned
+        n_p = self.config.target_pruned
+        if pruned > 1.1 * n_p:
+            self.threshold /= 2.0
+        elif pruned < 0.9 * n_p:
+            self.threshold *= 2.0
+        return new
+
+    def _fit_capacity(self, drop: dict[str, torch.Tensor], room: int) -> dict[str, torch.Tensor]:
+        """Keep only the ``room`` smallest |w| of the drop set (ties by position) when it exceeds the room."""
+        if sum(int(d.sum()) for d in drop.values()) <= room:
+            return drop
+        scores = {n: (-self.params[n].detach().abs()).masked_fill(~d, -math.inf) for n, d in drop.items()}
+        return global_top_k(scores, room)
+
+    def layer_targets(self) -> dict[str, float] | None:
+        """None: DSR moves weights between layers on purpose, so the initial distribution is no target."""
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        out = super().metrics()
+        out["dsr/threshold"] = self.threshold
+        out["dsr/pruned"] = float(self.last_pruned)
+        for name, change in self.last_changes.items():
+            out[f"dsr/reallocated/{name}"] = float(change.grown - change.dropped)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["threshold"] = self.threshold
+        state["last_pruned"] = self.last_pruned
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.threshold = float(state.get("threshold", self.config.threshold_init))
+        self.last_pruned = int(state.get("last_pruned", 0))

@@ -1,0 +1,72 @@
+"""Run under torchrun by tests/test_dst.py: SET, RigL and DSR on two ranks that see different batches, then a SET
+variant that makes a rank-local choice on rank 1 and must stop with MaskDisagreementError."""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+import torch
+
+from engine.parallel import DistEnv, build_backend, pick_device
+from engine.run_config import load_config
+from engine.trainer import Trainer
+from pruning.agreement import MaskDisagreementError
+from pruning.methods import register_method
+from pruning.methods.dst import SET
+
+COMMON = ["data.name=digits", "data.batch_size=32", "model.name=mlp", "model.options.hidden=[64,32]",
+          "optim.lr=0.1", "optim.weight_decay=5e-4", "train.epochs=10", "monitor.progress=false",
+          "monitor.tensorboard=false", "checkpoint.every_epochs=100", "checkpoint.save_final=false",
+          "sparsity.density=0.1", "sparsity.period=3"]
+METHODS = {
+    "set": ["sparsity.method=set"],
+    "rigl": ["sparsity.method=rigl"],
+    "dsr": ["sparsity.method=dsr", "sparsity.period_epochs=[]", "sparsity.periods=[]", "sparsity.target_pruned=40"],
+}
+
+
+@register_method("set_rank_local")
+class RankLocalSET(SET):
+    """A deliberately broken SET: rank 1 grows from an unseeded generator, so its masks drift from rank 0's."""
+
+    def grow_scores(self, step: int, name: str) -> torch.Tensor:
+        if self.context.rank == 1:
+            return torch.rand(self.params[name].shape, generator=torch.Generator().manual_seed(12345 + step))
+        return super().grow_scores(step, name)
+
+
+def run(out_dir: str, name: str, overrides: list[str]) -> None:
+    cfg = load_config(None, [*COMMON, *overrides, f"output_dir={out_dir}", f"name={name}"])
+    env = DistEnv.from_environ()
+    backend = build_backend(cfg.parallel, env, pick_device(cfg.train.device, env), cfg.train.precision)
+    trainer = Trainer(cfg, backend)
+    first_inputs, _ = next(iter(trainer.loaders.train))
+    try:
+        summary = trainer.fit()
+    except MaskDisagreementError as error:
+        with open(f"{out_dir}/rank{env.rank}-{name}.txt", "w") as handle:
+            handle.write(str(error))
+        return
+    torch.save({"model": trainer.model.state_dict(), "masks": trainer.method.masks.state_dict(),
+                "metrics": trainer.method.metrics(), "steps": summary["steps"], "acc": summary["test_acc"],
+                "first_batch": first_inputs}, f"{out_dir}/rank{env.rank}-{name}.pt")
+
+
+def main(out_dir: str) -> None:
+    env = DistEnv.from_environ()
+    backend = None
+    try:
+        for name, overrides in METHODS.items():
+            run(out_dir, name, overrides)
+        run(out_dir, "broken", ["sparsity.method=set_rank_local"])
+        gc.collect()    # free the runs' DDP wrappers while the process group they hold is still alive
+        backend = build_backend(load_config(None, []).parallel, env, torch.device("cpu"), "fp32")
+        backend.barrier()
+    finally:
+        if backend is not None:
+            backend.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
