@@ -13,7 +13,9 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, Subset
+
+import engine.shards  # noqa: F401  (registers imagenet_shards)
 
 from engine.datasets import (
     DatasetParts,
@@ -28,6 +30,7 @@ from engine.datasets import (
 __all__ = [
     "DataConfig",
     "DataSpec",
+    "DeviceNormalize",
     "Loaders",
     "ShardSampler",
     "EpochShuffleSampler",
@@ -57,6 +60,8 @@ class DataConfig:
     options: dict[str, Any] = field(default_factory=dict)
     pin_memory: bool | None = None
     persistent_workers: bool = True
+    prefetch_factor: int | None = None  # batches each worker loads ahead; None keeps torch's default (2)
+    normalize_on_device: bool | None = None  # ImageNet sources: uint8 batches, normalised on the device; None: on CUDA
 
     def __post_init__(self) -> None:
         source = get_source(self.name)
@@ -78,6 +83,14 @@ class DataConfig:
             raise ValueError(f"augment {self.augment!r} is not supported by data set {self.name!r}; use {supported}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.prefetch_factor is not None and self.prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor must be a positive integer or null, got {self.prefetch_factor}")
+        if self.normalize_on_device and source.device_stats is None:
+            raise ValueError(f"normalize_on_device is not supported by data set {self.name!r} (its loaders "
+                             "normalise); leave it null or false")
+        if self.val_fraction > 0 and source.streaming:
+            raise ValueError(f"val_fraction must be 0 for the streamed data set {self.name!r} (a stream cannot be "
+                             "split by index); hold out shards and name them in options.val_shards instead")
         source.check(parse_options(self.name, self.options), self.image_size)
 
     @property
@@ -91,6 +104,19 @@ class DataConfig:
         return self.eval_batch_size or self.batch_size
 
 
+class DeviceNormalize:
+    """uint8 images -> float32 (x / 255 - mean) / std on the device of the batch, as one subtract and one multiply."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.shift = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.shift.device != images.device:
+            self.shift, self.scale = self.shift.to(images.device), self.scale.to(images.device)
+        return (images.float() - self.shift).mul_(self.scale)
+
+
 @dataclass
 class Loaders:
     """Everything the trainer reads from the data part. val is None unless val_fraction > 0."""
@@ -99,7 +125,9 @@ class Loaders:
     test: DataLoader
     val: DataLoader | None
     spec: DataSpec
-    train_sampler: Sampler | None
+    train_sampler: Sampler | IterableDataset | None  # whatever has set_epoch: the sampler, or a streamed data set
+    device_normalize: DeviceNormalize | None = None  # set when batches are uint8: apply after moving to the device
+
 
 
 class ShardSampler(Sampler[int]):
@@ -195,9 +223,9 @@ def _split_train(parts: DatasetParts, fraction: float, seed: int) -> tuple[Datas
     return Subset(parts.train, keep.tolist()), Subset(parts.train_eval, held_out.tolist())
 
 
-def _loader(dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool, cfg: DataConfig,
+def _loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, drop_last: bool, cfg: DataConfig,
             device: torch.device, worker_seed: int) -> DataLoader:
-    """One DataLoader with the config's worker, pinning and seeding settings."""
+    """One DataLoader with the config's worker, pinning, prefetch and seeding settings."""
     workers = cfg.num_workers
     pin = device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
     return DataLoader(
@@ -208,6 +236,7 @@ def _loader(dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool
         num_workers=workers,
         pin_memory=pin,
         persistent_workers=cfg.persistent_workers and workers > 0,
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         generator=torch.Generator().manual_seed(worker_seed),  # seeds worker RNGs (augmentation) reproducibly
     )
 
@@ -226,7 +255,15 @@ def build_loaders(
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
     source = _source(cfg)
     _ensure_available(source, cfg, rank, world_size)
+    on_device = device.type == "cuda" if cfg.normalize_on_device is None else cfg.normalize_on_device
+    normalize = None
+    if on_device and source.device_stats is not None:
+        source.uint8_output = True
+        normalize = DeviceNormalize(*source.device_stats)
     parts = source.build(cfg.image_size, cfg.resolved_augment)
+    if isinstance(parts.train, IterableDataset):
+        loaders = _stream_loaders(parts, cfg, seed=seed, rank=rank, world_size=world_size, device=device)
+        return dataclasses.replace(loaders, device_normalize=normalize)
     train_set, val_set = _split_train(parts, cfg.val_fraction, seed)
     if len(train_set) < world_size:
         raise ValueError(f"world_size {world_size} exceeds the {len(train_set)} training samples of {cfg.name!r}")
@@ -253,4 +290,23 @@ def build_loaders(
         val=val_loader,
         spec=spec,
         train_sampler=train_sampler,
+        device_normalize=normalize,
+    )
+
+
+def _stream_loaders(parts: DatasetParts, cfg: DataConfig, *, seed: int, rank: int, world_size: int,
+                    device: torch.device) -> Loaders:
+    """Loaders over streamed data sets (engine.shards): the data sets split themselves across ranks and workers, so
+    there is no sampler; train yields whole batches only (its length is fixed by the declared sample count)."""
+    eval_bs = cfg.resolved_eval_batch_size
+    parts.train.configure(seed=seed, rank=rank, world_size=world_size, batch_size=cfg.batch_size,
+                          num_workers=cfg.num_workers)
+    parts.test.configure(seed=seed, rank=rank, world_size=world_size, batch_size=eval_bs, num_workers=cfg.num_workers)
+    worker_seed = (seed * 65537 + rank) % (2**63)
+    return Loaders(
+        train=_loader(parts.train, cfg.batch_size, None, True, cfg, device, worker_seed),
+        test=_loader(parts.test, eval_bs, None, False, cfg, device, worker_seed),
+        val=None,
+        spec=parts.spec,
+        train_sampler=parts.train,
     )

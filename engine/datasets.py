@@ -62,10 +62,14 @@ class DatasetSource(abc.ABC):
     augments: ClassVar[tuple[str, ...]] = AUGMENTS  # augmentations this data set supports
     auto_augment: ClassVar[str] = "standard"  # what augment="auto" means here
     downloadable: ClassVar[bool] = False
+    streaming: ClassVar[bool] = False  # build() returns IterableDatasets (no sampler, no val split)
+    device_stats: ClassVar[tuple | None] = None  # (mean, std) it can leave to the device: then it yields uint8
+
 
     def __init__(self, root: str, options: Any) -> None:
         self.root = os.path.abspath(os.path.expanduser(root))
         self.options = options
+        self.uint8_output = False   # set by engine.data for sources with device_stats when normalising on device
 
     def missing(self) -> str | None:
         """None when the files are present, else a one-line message naming the path, the layout and the fix."""
@@ -120,6 +124,11 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         kind = next(a for a in args if a is not type(None))
+    if typing.get_origin(kind) is list:  # a list of strings; one string is a list of one
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise ValueError(f"{key} must be a string or a list of strings, got {value!r}")
+        return list(items)
     try:
         if kind is bool:
             if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -320,9 +329,12 @@ def small_image_transforms(
     return T.Compose(prefix + aug + tail), T.Compose(prefix + tail)
 
 
-def imagenet_transforms(size: int, augment: str) -> tuple[Callable, Callable]:
-    """(train, test) pipelines in the usual ImageNet recipe: random-resized crop for training, resize+centre crop."""
-    norm = [T.ToTensor(), T.Normalize(IMAGENET_STATS[0], IMAGENET_STATS[1])]
+def imagenet_transforms(size: int, augment: str, uint8: bool = False) -> tuple[Callable, Callable]:
+    """(train, test) pipelines in the usual ImageNet recipe: random-resized crop for training, resize+centre crop.
+
+    uint8=True ends in uint8 CHW tensors, leaving conversion and normalisation to the device (a quarter of the
+    bytes through pinned memory and the host-to-device copy, and no float work in the loader workers)."""
+    norm = [T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(IMAGENET_STATS[0], IMAGENET_STATS[1])]
     test = T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size)] + norm)
     if augment == "none":
         return test, test
@@ -620,6 +632,8 @@ class TinyImageNet(DatasetSource):
 class ImageNet(DatasetSource):
     """ImageNet in ImageFolder layout (root/imagenet/{train,val}/<class>/, or root/{train,val}/<class>/)."""
 
+    device_stats = IMAGENET_STATS
+
     def _base(self) -> str:
         nested = os.path.join(self.root, "imagenet")
         return nested if os.path.isdir(os.path.join(nested, "train")) else self.root
@@ -636,7 +650,7 @@ class ImageNet(DatasetSource):
 
     def build(self, image_size: int | None, augment: str) -> DatasetParts:
         size = image_size or 224
-        train_tf, test_tf = imagenet_transforms(size, augment)
+        train_tf, test_tf = imagenet_transforms(size, augment, self.uint8_output)
         classes = _class_dirs(os.path.join(self._base(), "train"))
         class_to_idx = {c: i for i, c in enumerate(classes)}
         train = make_dataset(os.path.join(self._base(), "train"), class_to_idx, extensions=IMG_EXTENSIONS)

@@ -173,6 +173,12 @@ class DeepSpeedBackend(DDPBackend):
         config = deepspeed_config(self.cfg, self.precision, micro_batch_size=micro_batch_size,
                                   grad_accum_steps=grad_accum_steps, clip_grad_norm=clip_grad_norm,
                                   model_numel=sum(p.numel() for p in model.parameters()))
+        # DeepSpeed broadcasts parameters as flat bytes and ZeRO flattens them into contiguous buffers: channels_last
+        # weights (train.channels_last) fail the first and would lose their layout in the second. Weights stay
+        # contiguous; the trainer still feeds channels_last inputs, from which the convolutions pick NHWC kernels.
+        for param in model.parameters():   # compare strides: a channels_last 1x1 kernel counts as contiguous
+            if param.data.stride() != torch.empty(param.shape, device="meta").stride():
+                param.data = param.data.clone(memory_format=torch.contiguous_format)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.module = self.engine
         self._partitioned = any(hasattr(p, "_hp_mapping") for p in model.parameters())

@@ -47,6 +47,7 @@ class TrainConfig:
     deterministic: bool | None = None        # None: deterministic on the CPU, fast kernels on CUDA
     max_steps_per_epoch: int | None = None   # cut epochs short (smoke runs, benchmarks)
     eval_every_epochs: int = 1
+    compile: bool = False                    # torch.compile the model for the training forward (none / ddp)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -87,6 +88,9 @@ class RunConfig:
         no_cuda = self.train.device == "cpu" or (self.train.device == "auto" and not torch.cuda.is_available())
         if self.train.precision == "fp16" and no_cuda:
             raise ValueError("train.precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
+        if self.train.compile and self.parallel.backend == "deepspeed":
+            raise ValueError("train.compile is not supported with parallel.backend deepspeed (its engine wraps the "
+                             "module); set train.compile=false or use parallel.backend=ddp")
         if self.parallel.backend == "deepspeed" and self.parallel.zero_stage == 0 and self.train.precision != "fp32":
             raise ValueError(f"parallel.zero_stage 0 with train.precision {self.train.precision} is refused: "
                              "DeepSpeed's stage-0 mixed-precision optimizer keeps fp32 master weights that masks "

@@ -44,6 +44,8 @@ def data_shape(cfg: DataConfig) -> DataShape:
     options = parse_options(cfg.name, cfg.options)
     if cfg.name == "synthetic":
         return DataShape(options.channels, options.image_size or cfg.image_size or 32, options.num_classes)
+    if cfg.name == "imagenet_shards":   # class count is an option; samples are decoded at data.image_size
+        return DataShape(3, cfg.image_size or 224, options.num_classes)
     if cfg.name not in NATIVE:
         raise ValueError(f"the shape of data set {cfg.name!r} is not known without reading it; add it to "
                          "engine.shapes.NATIVE")

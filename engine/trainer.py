@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 import numpy as np
@@ -102,7 +102,7 @@ class Trainer:
                                        steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs)
         context = MethodContext(seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
                                 device=self.device, steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs,
-                                batches=lambda: self.loaders.train,
+                                batches=self._scoring_batches,
                                 input_shape=(spec.channels, spec.image_size, spec.image_size))
         self.method = build_method(cfg.sparsity, self.model, self.optimizer, context)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
@@ -119,11 +119,28 @@ class Trainer:
         self.module, self.optimizer = backend.prepare(model, self.optimizer, micro_batch_size=cfg.data.batch_size,
                                                       grad_accum_steps=cfg.train.grad_accum_steps,
                                                       clip_grad_norm=cfg.train.clip_grad_norm)
+        if cfg.train.compile:       # the training forward only; evaluation and scoring run the plain model
+            self.module = torch.compile(self.module)
         if resume_url is not None:
             self._restore(resume_url)
         backend.attach_masks(self.method.masks)
         if self.env.is_main:
             write_yaml(to_dict(cfg), _join(self.run_dir, "config.yaml"))
+
+    # --------------------------------------------------------------- data
+    def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
+        """A batch as the model expects it: on the device, normalised there when the loader yields uint8 images
+        (data.normalize_on_device), then channels_last if configured."""
+        inputs = inputs.to(self.device, non_blocking=True)
+        if self.loaders.device_normalize is not None:
+            inputs = self.loaders.device_normalize(inputs)
+        if self.cfg.train.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs
+
+    def _scoring_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Training batches for methods that score data (SNIP, GraSP, ...): as the model sees them in the loop."""
+        return ((self._to_device(x), y.to(self.device)) for x, y in self.loaders.train)
 
     # --------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
@@ -161,10 +178,8 @@ class Trainer:
         desc = f"epoch {self.epoch + 1}/{self.cfg.train.epochs}"
         with self.monitor.progress(total=self.steps_per_epoch, desc=desc) as bar:
             for inputs, targets in self.loaders.train:
-                inputs = inputs.to(self.device, non_blocking=True)
+                inputs = self._to_device(inputs)
                 targets = targets.to(self.device, non_blocking=True)
-                if cfg.channels_last and inputs.dim() == 4:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
                 boundary = (micro + 1) % cfg.grad_accum_steps == 0
                 with backend.sync_context(boundary):
                     with backend.autocast():
@@ -206,10 +221,8 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = 0
         for inputs, targets in (loader or self.loaders.test):
-            inputs = inputs.to(self.device, non_blocking=True)
+            inputs = self._to_device(inputs)
             targets = targets.to(self.device, non_blocking=True)
-            if self.cfg.train.channels_last and inputs.dim() == 4:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
             with self.backend.autocast():
                 outputs = model(inputs)
             loss_sum += nn.functional.cross_entropy(outputs.float(), targets, reduction="sum").double()

@@ -36,3 +36,26 @@ def test_synflow_configs_follow_the_paper_recipe() -> None:
         assert (cfg.lr_schedule.name, cfg.lr_schedule.milestones, cfg.lr_schedule.gamma) == ("step", [60, 120], 0.1)
         assert (cfg.train.epochs, cfg.data.batch_size) == (160, 128)
         assert cfg.sparsity.method == "synflow" and cfg.sparsity.iterations == 100
+
+
+def test_imagenet_recipes() -> None:
+    """Total batch 256 (ResNet) or 1024 (ViT) on 8 ranks, the schedules docs/experiments.md describes, bf16."""
+    recipes = {p.stem: load_config(str(p)) for p in CONFIGS if p.parent.name == "imagenet"}
+    assert set(recipes) == {"resnet50_dense_cosine", "resnet50_static_erk80_cosine", "resnet50_dense_step",
+                            "resnet50_static_erk80_step", "vit_s16", "vit_b16"}
+    for name, cfg in recipes.items():
+        assert cfg.train.precision == "bf16" and cfg.data.image_size == 224
+        if name.startswith("resnet50"):
+            assert cfg.data.batch_size * 8 == 256 and cfg.train.channels_last and cfg.optim.lr == 0.1
+            if name.endswith("cosine"):
+                assert (cfg.lr_schedule.name, cfg.train.epochs, cfg.train.label_smoothing) == ("cosine", 90, 0.1)
+            else:
+                assert (cfg.lr_schedule.name, cfg.lr_schedule.milestones, cfg.train.epochs) == (
+                    "step", [30, 60, 90], 100)
+            sparse = "static" in name
+            assert cfg.sparsity.method == ("random" if sparse else "dense")
+            if sparse:
+                assert (cfg.sparsity.density, cfg.sparsity.distribution) == (0.2, "erk")
+        else:
+            assert (cfg.optim.name, cfg.lr_schedule.name, cfg.data.augment) == ("adamw", "cosine", "autoaugment")
+            assert cfg.lr_schedule.warmup_epochs > 0 and cfg.train.label_smoothing == 0.1
