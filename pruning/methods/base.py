@@ -48,6 +48,11 @@ class MethodContext:
     batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
     input_shape: tuple[int, ...] | None = None   # one sample's shape (C, H, W): data-free scorers need no batches
 
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps in the whole run (at least 1)."""
+        return max(1, self.steps_per_epoch * self.epochs)
+
 
 class SparsityMethod:
     """Base class: holds the config, the unwrapped model, the optimizer and (for sparse methods) a MaskSet."""

@@ -44,7 +44,7 @@ class ScheduledPruning(SparsityMethod, abc.ABC):
     def __init__(self, config: MethodConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                  context: MethodContext) -> None:
         super().__init__(config, model, optimizer, context)
-        self.total_steps = max(1, context.steps_per_epoch * context.epochs)
+        self.total_steps = context.total_steps
         self.stored: dict[str, torch.Tensor] | None = None
         self.target = 0.0   # sparsity of the latest prune
 

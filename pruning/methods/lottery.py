@@ -63,7 +63,7 @@ class LotteryLevel(SparsityMethod):
     def __init__(self, config: MethodConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                  context: MethodContext) -> None:
         super().__init__(config, model, optimizer, context)
-        total = max(1, context.steps_per_epoch * context.epochs)
+        total = context.total_steps
         rewind = self.config.rewind_step
         self.rewind_at = to_steps(rewind, total) if rewind is not None else None
         if self.rewind_at is not None and self.rewind_at > total:
