@@ -11,26 +11,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import models
+from benchmarks.timing import median_seconds
 from pruning.agreement import mask_checksums, verify_agreement
 from pruning.methods import MethodContext, build_method
 from pruning.methods.at_init import AtInitConfig
-
-
-def median_ms(work: object, repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()  # type: ignore[operator]
-        samples.append(time.perf_counter() - start)
-    return 1000 * statistics.median(samples)
 
 
 def main() -> None:
@@ -50,8 +40,8 @@ def main() -> None:
     method = build_method(AtInitConfig(method="random", density=args.density), model, None, MethodContext(seed=0))
     method.setup()
     masks = dict(method.masks.items())
-    checksum = median_ms(lambda: mask_checksums(masks), args.repeats)
-    verify = median_ms(lambda: verify_agreement(masks), args.repeats)
+    checksum = 1000 * median_seconds(lambda: mask_checksums(masks), args.repeats)
+    verify = 1000 * median_seconds(lambda: verify_agreement(masks), args.repeats)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
     inputs = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     targets = torch.randint(0, 1000, (args.batch_size,))
@@ -63,7 +53,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    train_step = median_ms(step, max(2, args.repeats // 4))
+    train_step = 1000 * median_seconds(step, max(2, args.repeats // 4))
     if rank == 0:
         world = dist.get_world_size() if distributed else 1
         total = sum(m.numel() for m in masks.values())

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import models
+from benchmarks.timing import interleaved, median_seconds, ratio_stats
 from engine.config import parse_override as _parse
 from engine.optim import OptimConfig, build_optimizer
 from engine.parallel import Backend, DistEnv
@@ -50,16 +51,6 @@ def make_step(model: nn.Module, before_step: Callable[[], None], inputs: torch.T
 def parse_override(item: str) -> tuple[str, object]:
     keys, value = _parse(item)
     return ".".join(keys), value
-
-
-def isolated_ms(work: Callable[[], object], repeats: int = 40) -> float:
-    """Median milliseconds of one call of ``work`` alone."""
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        samples.append(time.perf_counter() - start)
-    return 1000 * statistics.median(samples)
 
 
 def variants(args: argparse.Namespace) -> tuple[dict[str, Callable[[], float]], dict[str, Callable[[], object]]]:
@@ -116,17 +107,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     steps, isolated = variants(args)
     names = list(steps)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    updates: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(args.warmup + args.rounds):
-        order = names[round_index % len(names):] + names[:round_index % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            update = steps[name]()
-            elapsed = time.perf_counter() - start
-            if round_index >= args.warmup:
-                times[name].append(elapsed)
-                updates[name].append(update)
+    times, updates = interleaved(steps, args.rounds, args.warmup)
     dense = times["dense"]
     print(f"{args.model}, {args.image_size} px, batch {args.batch_size}, density {args.density}, "
           f"{args.rounds} interleaved rounds, {args.threads} threads, SGD kernel {args.optimizer}, "
@@ -134,13 +115,12 @@ def main() -> None:
     print(f"{'variant':<12} {'median ms/step':>15} {'steps/s vs dense':>17} {'IQR of ratios':>16} "
           f"{'mask+optimizer ms':>18}")
     for name in names:
-        ratios = [d / t for d, t in zip(dense, times[name])]
-        q = statistics.quantiles(ratios, n=4)
-        print(f"{name:<12} {1000 * statistics.median(times[name]):>15.1f} {statistics.median(ratios):>17.3f} "
-              f"{q[0]:>8.3f}..{q[2]:.3f} {1000 * statistics.median(updates[name]):>18.2f}")
+        ratio, low, high = ratio_stats(dense, times[name])
+        print(f"{name:<12} {1000 * statistics.median(times[name]):>15.1f} {ratio:>17.3f} "
+              f"{low:>8.3f}..{high:.3f} {1000 * statistics.median(updates[name]):>18.2f}")
     print("\nmasking work alone (median of 40 calls; torch_prune pays a multiply of the same size again in backward):")
     for label, work in isolated.items():
-        print(f"  {label:<58} {isolated_ms(work):7.2f} ms")
+        print(f"  {label:<58} {1000 * median_seconds(work, 40):7.2f} ms")
     print("torch_prune masks inside forward/backward (weight = weight_orig * mask), so its mask+optimizer column "
           "shows only its optimizer step.")
 

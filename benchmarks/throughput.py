@@ -23,13 +23,12 @@ long run pays. A measurement script, not a test.
 import argparse
 import copy
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import models
+from benchmarks.timing import interleaved, median_seconds, ratio_stats
 from engine.optim import OptimConfig, build_optimizer
 from engine.parallel import Backend, DistEnv
 from pruning.agreement import seeded_generator
@@ -109,32 +108,15 @@ def build_variants(name: str, args: argparse.Namespace) -> dict[str, Variant]:
             for label, sparse, regrow in (("dense", False, False), ("static", True, False), ("regrow", True, True))}
 
 
-def isolated_s(work: Callable[[], object], repeats: int) -> float:
-    """Median seconds of one call of ``work`` alone."""
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
 def measure(name: str, args: argparse.Namespace) -> None:
     """Interleaved rounds for one model; prints a table of images/s and ratios to dense."""
     variants = build_variants(name, args)
     names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for round_index in range(args.warmup + args.rounds):
-        order = names[round_index % len(names):] + names[:round_index % len(names)]
-        for label in order:
-            start = time.perf_counter()
-            variants[label].step()
-            if round_index >= args.warmup:
-                times[label].append(time.perf_counter() - start)
+    times, _ = interleaved({label: variant.step for label, variant in variants.items()}, args.rounds, args.warmup)
     regrow = variants["regrow"]
-    choice = isolated_s(regrow.choose, args.update_repeats)
+    choice = median_seconds(regrow.choose, args.update_repeats)
     new = regrow.choose()
-    apply = isolated_s(lambda: regrow.apply(new), args.update_repeats)
+    apply = median_seconds(lambda: regrow.apply(new), args.update_repeats)
     update = choice + apply
     per_step_update = update / args.update_every
     dense = times["dense"]
@@ -145,11 +127,10 @@ def measure(name: str, args: argparse.Namespace) -> None:
         step_s = statistics.median(times[label])
         if label == "regrow":
             step_s += per_step_update if args.rounds < args.update_every else 0.0
-        ratios = [d / (t + (per_step_update if label == "regrow" and args.rounds < args.update_every else 0.0))
-                  for d, t in zip(dense, times[label])]
-        q = statistics.quantiles(ratios, n=4)
-        print(f"{label:<8} {1000 * step_s:>9.1f} {args.batch_size / step_s:>9.2f} {statistics.median(ratios):>9.3f} "
-              f"{q[0]:>7.3f}..{q[2]:.3f}")
+        extra = per_step_update if label == "regrow" and args.rounds < args.update_every else 0.0
+        ratio, low, high = ratio_stats(dense, [t + extra for t in times[label]])
+        print(f"{label:<8} {1000 * step_s:>9.1f} {args.batch_size / step_s:>9.2f} {ratio:>9.3f} "
+              f"{low:>7.3f}..{high:.3f}")
     print(f"regrowth update ({args.regrow_fraction:.0%} of kept weights per layer): {1000 * update:.1f} ms each "
           f"(random choice {1000 * choice:.1f} ms, MaskSet.update {1000 * apply:.1f} ms), "
           f"{1000 * per_step_update:.2f} ms per step at one per {args.update_every} steps")
