@@ -148,15 +148,12 @@ class DynamicSparse(SparsityMethod, abc.ABC):
         return layer_densities(shapes, self.config.density, self.config.distribution)
 
     def metrics(self) -> dict[str, float]:
-        """The latest update's churn and every layer's density (the trainer logs these at epoch ends)."""
+        """The latest update's churn (the trainer logs these at epoch ends, next to per-layer density)."""
         out: dict[str, float] = {"dst/updates": float(self.updates), "dst/last_update_step": float(self.last_step)}
         for name, change in self.last_changes.items():
             out[f"dst/dropped/{name}"] = float(change.dropped)
             out[f"dst/grown/{name}"] = float(change.grown)
-        if self.masks is not None:
-            for name, mask in self.masks.items():
-                out[f"dst/density/{name}"] = float(mask.sum()) / mask.numel()
-        return out
+        return out   # per-layer density: the trainer logs it for every method as sparsity/layer/<name>
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
