@@ -26,7 +26,7 @@ from engine.monitor import Monitor, format_run_summary
 from engine.optim import build_optimizer, build_schedule
 from engine.parallel import Backend, DistEnv, build_backend, pick_device
 from engine.run_config import RunConfig
-from pruning.masks import parameter_counts
+from pruning.masks import LayerStat, parameter_counts
 from pruning.methods import MethodContext, build_method
 
 CHECKPOINT_FORMAT = "sparsetrain/1"
@@ -236,13 +236,15 @@ class Trainer:
                 "acc": float(totals[1]) / max(1.0, float(totals[2]))}
 
     # ------------------------------------------------------------ logging
-    def _density(self) -> float:
-        stats = self.method.layer_stats()
+    def _density(self, stats: list[LayerStat] | None = None) -> float:
+        """Kept fraction of the prunable weights (pass stats already computed to avoid counting twice)."""
+        stats = self.method.layer_stats() if stats is None else stats
         return sum(s.kept for s in stats) / max(1, sum(s.numel for s in stats))
 
     def _log_sparsity(self) -> None:
-        values: dict[str, float] = {"sparsity/density": self._density()}
-        for stat in self.method.layer_stats():
+        stats = self.method.layer_stats()
+        values: dict[str, float] = {"sparsity/density": self._density(stats)}
+        for stat in stats:
             values[f"sparsity/layer/{stat.name}"] = stat.density
         for name, target in (self.method.layer_targets() or {}).items():
             values[f"sparsity/target/{name}"] = target
@@ -299,7 +301,7 @@ class Trainer:
             self.last_eval = self.evaluate()
             self.best_acc = max(self.best_acc, self.last_eval["acc"])
         summary = {"test_acc": self.last_eval["acc"], "best_test_acc": self.best_acc,
-                   "test_loss": self.last_eval["loss"], "density": self._density(), "params_total": total,
+                   "test_loss": self.last_eval["loss"], "density": self._density(stats), "params_total": total,
                    "params_nonzero": nonzero, "epochs": self.epoch, "steps": self.step,
                    "world_size": self.env.world_size, "wall_time_s": wall_time, "method": self.cfg.sparsity.method,
                    "model": self.cfg.model.name, "data": self.cfg.data.name, "run_dir": self.run_dir,
