@@ -19,7 +19,7 @@ from engine.data import DataConfig
 from engine.monitor import MonitorConfig
 from engine.optim import LRScheduleConfig, OptimConfig
 from engine.parallel import ParallelConfig
-from pruning.methods import MethodConfig
+from pruning.methods import MethodConfig, RunFacts
 
 
 @dataclass
@@ -99,6 +99,8 @@ class RunConfig:
             if epoch >= self.train.epochs:
                 raise ValueError(f"lr_schedule.milestones has epoch {epoch} at or after train.epochs "
                                  f"({self.train.epochs}); drop it or train longer")
+        self.sparsity.check_run(RunFacts(epochs=self.train.epochs, backend=self.parallel.backend,
+                                         zero_stage=self.parallel.zero_stage, precision=self.train.precision))
         if self.lr_schedule.warmup_epochs >= self.train.epochs:
             raise ValueError(f"lr_schedule.warmup_epochs ({self.lr_schedule.warmup_epochs}) must be shorter than "
                              f"train.epochs ({self.train.epochs})")

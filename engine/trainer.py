@@ -27,7 +27,7 @@ from engine.optim import build_optimizer, build_schedule
 from engine.parallel import Backend, DistEnv, build_backend, pick_device
 from engine.run_config import RunConfig
 from pruning.masks import LayerStat, parameter_counts
-from pruning.methods import MethodContext, build_method
+from pruning.methods import MethodContext, build_method, method_class
 
 CHECKPOINT_FORMAT = "sparsetrain/1"
 
@@ -89,21 +89,22 @@ class Trainer:
         spec = self.loaders.spec
         model = models.build_model(cfg.model.name, in_channels=spec.channels, image_size=spec.image_size,
                                    num_classes=spec.num_classes, **cfg.model.options).to(self.device)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.optimizer = build_optimizer(model, cfg.optim)
         batches = len(self.loaders.train) // cfg.train.grad_accum_steps
         if batches < 1:
             raise ValueError(f"the training set gives {len(self.loaders.train)} batches per rank, fewer than "
                              f"train.grad_accum_steps={cfg.train.grad_accum_steps}; lower data.batch_size")
         self.steps_per_epoch = min(batches, cfg.train.max_steps_per_epoch or batches)
-        self.schedule = build_schedule(self.optimizer, cfg.lr_schedule, base_lr=cfg.optim.lr,
-                                       steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs)
         context = MethodContext(seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
                                 device=self.device, steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs,
                                 batches=self._scoring_batches,
                                 input_shape=(spec.channels, spec.image_size, spec.image_size))
+        model = method_class(cfg.sparsity.method).prepare_model(cfg.sparsity, model, context)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.schedule = build_schedule(self.optimizer, cfg.lr_schedule, base_lr=cfg.optim.lr,
+                                       steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs)
         self.method = build_method(cfg.sparsity, self.model, self.optimizer, context)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.monitor = Monitor(self.run_dir, enabled=self.env.is_main, tensorboard=cfg.monitor.tensorboard,
@@ -196,6 +197,8 @@ class Trainer:
                 backend.step(self.optimizer, lambda: self.method.before_step(self.step), cfg.clip_grad_norm)
                 self.method.after_step(self.step)
                 backend.attach_masks(self.method.masks)   # a method may create its MaskSet late; no-op otherwise
+                for t, values in self.method.drain_events():      # per-update churn, thresholds, ...
+                    self.monitor.scalars({f"method/{k}": v for k, v in values.items()}, t)
                 self.schedule.step()
                 self.step += 1
                 done += 1

@@ -34,6 +34,21 @@ class MethodConfig:
         name = data.get("method", "dense")
         return method_class(name).Config
 
+    def check_run(self, run: RunFacts) -> None:
+        """Refuse settings that cannot work with the rest of the run (raise ValueError naming ``sparsity.<key>``).
+
+        Called while the whole config is checked, before any worker starts."""
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a method config may check against the rest of the run before any worker starts."""
+
+    epochs: int
+    backend: str            # auto | none | ddp | deepspeed
+    zero_stage: int
+    precision: str
+
 
 @dataclass
 class MethodContext:
@@ -68,8 +83,14 @@ class SparsityMethod:
         self.context = context
         self.params = prunable_parameters(model, config.targets)
         self.masks: MaskSet | None = None
+        self._events: list[tuple[int, dict[str, float]]] = []
 
     # ------------------------------------------------------------ loop points
+    @classmethod
+    def prepare_model(cls, config: MethodConfig, model: nn.Module, context: MethodContext) -> nn.Module:
+        """Change the model's structure before the optimizer is built (e.g. tie weights); most methods do not."""
+        return model
+
     def setup(self) -> None:
         """Build the initial masks (fresh runs only)."""
 
@@ -94,8 +115,17 @@ class SparsityMethod:
         return None
 
     def metrics(self) -> dict[str, float]:
-        """Method-specific scalars for TensorBoard (e.g. a threshold)."""
+        """Method-specific scalars for TensorBoard (e.g. a threshold), logged at epoch ends."""
         return {}
+
+    def record(self, t: int, values: dict[str, float]) -> None:
+        """Keep scalars of one event (a mask update) at ``t`` steps done, for the trainer to log at that step."""
+        self._events.append((t, values))
+
+    def drain_events(self) -> list[tuple[int, dict[str, float]]]:
+        """The events recorded since the last call (the trainer logs them after every step)."""
+        events, self._events = self._events, []
+        return events
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

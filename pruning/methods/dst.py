@@ -111,6 +111,9 @@ class DynamicSparse(SparsityMethod, abc.ABC):
         self.check_conserved(before)
         self.updates += 1
         self.last_step = step
+        event = self.metrics()      # per update: churn, DSR's threshold and reallocation, and per-layer density
+        event.update({f"dst/density/{name}": int(m.sum()) / m.numel() for name, m in self.masks.items()})
+        self.record(step + 1, event)
 
     @abc.abstractmethod
     def new_masks(self, step: int) -> dict[str, torch.Tensor]:
