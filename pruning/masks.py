@@ -137,6 +137,15 @@ class MaskSet:
             self.verify()
         return changes
 
+    def set_values_(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Write the kept weights of the named layers (full-shape ``values``; pruned weights stay zero).
+
+        The way a method moves weights itself (Deep R's noise and prior): through the access, so a backend's own
+        copy of the weights (DeepSpeed's fp32 masters) moves too."""
+        with torch.no_grad():
+            for name, value in values.items():
+                self.access.fill_(name, self.params[name], self.masks[name], value)
+
     def set_access(self, access: ParamAccess) -> None:
         """Route every later weight, gradient and optimizer-state access through ``access``; re-zero pruned weights.
 

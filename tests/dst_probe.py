@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_dst.py: SET, RigL and DSR on two ranks that see different batches, then a SET
+"""Run under torchrun by tests/test_dst.py: SET, RigL, DSR and Deep R on two ranks that see different batches, then a SET
 variant that makes a rank-local choice on rank 1 and must stop with MaskDisagreementError."""
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from pruning.methods.dst import SET
 COMMON = ["data.name=digits", "data.batch_size=32", "model.name=mlp", "model.options.hidden=[64,32]",
           "optim.lr=0.1", "optim.weight_decay=5e-4", "train.epochs=10", "monitor.progress=false",
           "monitor.tensorboard=false", "checkpoint.every_epochs=100", "checkpoint.save_final=false",
-          "sparsity.density=0.1", "sparsity.period=3"]
+          "sparsity.density=0.1"]
 METHODS = {
-    "set": ["sparsity.method=set"],
-    "rigl": ["sparsity.method=rigl"],
-    "dsr": ["sparsity.method=dsr", "sparsity.period_epochs=[]", "sparsity.periods=[]", "sparsity.target_pruned=40"],
+    "set": ["sparsity.method=set", "sparsity.period=3"],
+    "rigl": ["sparsity.method=rigl", "sparsity.period=3"],
+    "dsr": ["sparsity.method=dsr", "sparsity.period=3", "sparsity.period_epochs=[]", "sparsity.periods=[]",
+            "sparsity.target_pruned=40"],
+    "deep_r": ["sparsity.method=deep_r", "sparsity.temperature=1e-6", "sparsity.l1=1e-4"],
 }
 
 
@@ -59,7 +61,7 @@ def main(out_dir: str) -> None:
     try:
         for name, overrides in METHODS.items():
             run(out_dir, name, overrides)
-        run(out_dir, "broken", ["sparsity.method=set_rank_local"])
+        run(out_dir, "broken", ["sparsity.method=set_rank_local", "sparsity.period=3"])
         gc.collect()    # free the runs' DDP wrappers while the process group they hold is still alive
         backend = build_backend(load_config(None, []).parallel, env, torch.device("cpu"), "fp32")
         backend.barrier()

@@ -62,6 +62,18 @@ class DSTConfig(MethodConfig):
             raise ValueError(f"grow_init must be zero or reinit, got {self.grow_init!r}")
 
 
+def seeded_uniform(param: torch.Tensor, seed: int, step: int, purpose: str) -> torch.Tensor:
+    """U(0, 1) values shaped like ``param`` (on its device) from the (seed, step, purpose) stream: rank-independent."""
+    return torch.rand(param.shape, generator=seeded_generator(seed, step, purpose)).to(param.device)
+
+
+def random_masks(params: dict[str, torch.nn.Parameter], density: float, distribution: str,
+                 seed: int) -> dict[str, torch.Tensor]:
+    """Random masks with the distribution's exact per-layer counts, the same on every rank."""
+    counts = layer_counts({name: p.shape for name, p in params.items()}, density, distribution)
+    return {name: keep_top_k(seeded_uniform(p, seed, 0, f"init/{name}"), counts[name]) for name, p in params.items()}
+
+
 class DynamicSparse(SparsityMethod, abc.ABC):
     """Random sparse start, then periodic drop-and-grow through the MaskSet; subclasses say what changes."""
 
@@ -94,10 +106,8 @@ class DynamicSparse(SparsityMethod, abc.ABC):
     def setup(self) -> None:
         """Random masks with the distribution's exact per-layer counts (seeded: the same on every rank)."""
         self.masks = MaskSet(self.params)
-        shapes = {name: p.shape for name, p in self.params.items()}
-        counts = layer_counts(shapes, self.config.density, self.config.distribution)
-        new = {name: keep_top_k(self.random_scores(0, "init", name), counts[name]) for name in self.params}
-        self.masks.update(new, optimizer=self.optimizer)
+        self.masks.update(random_masks(self.params, self.config.density, self.config.distribution, self.context.seed),
+                          optimizer=self.optimizer)
 
     def after_step(self, step: int) -> None:
         if not self.is_update_step(step):
@@ -122,9 +132,7 @@ class DynamicSparse(SparsityMethod, abc.ABC):
     # ------------------------------------------------------------ helpers
     def random_scores(self, step: int, purpose: str, name: str) -> torch.Tensor:
         """U(0, 1) scores shaped like the layer, from the (seed, step, purpose/name) stream."""
-        param = self.params[name]
-        generator = seeded_generator(self.context.seed, step, f"{purpose}/{name}")
-        return torch.rand(param.shape, generator=generator).to(param.device)
+        return seeded_uniform(self.params[name], self.context.seed, step, f"{purpose}/{name}")
 
     def grow_values(self, step: int) -> dict[str, torch.Tensor] | None:
         """Values of regrown weights: None (zero) or a seeded re-initialisation at torch's default scale."""

@@ -1,0 +1,257 @@
+"""Deep Rewiring (Bellec et al., ICLR 2018) and soft Deep R (ALGORITHMS.md section 3).
+
+Every connection k has a fixed sign s_k (the sign of its initial weight) and a parameter theta_k; it is active when
+theta_k > 0, and then its weight is w_k = s_k theta_k. The optimizer steps the active weights as usual (its gradient
+step on w is a step on theta = s w); after every step the method adds the rest of the Deep R update in theta-space,
+
+    theta <- theta - eta * l1 + sqrt(2 eta T) * nu,      nu ~ N(0, 1) from the (seed, step, layer) stream,
+
+with eta the learning rate of the step just taken (so the schedule drives the noise too), T the temperature and l1 the
+L1 prior; a connection whose theta falls to zero or below (its weight's sign flips away from s, or it reaches zero)
+dies.
+
+* **Deep R** keeps each layer's number of active connections fixed: as many as died are regrown at random dormant
+  positions (the just-dead included, as in the paper's algorithm), with theta = ``grow_magnitude``, i.e. weight
+  s * grow_magnitude and fresh optimizer state. A regrown connection is therefore alive and keeps its sign into the
+  next step, where its gradient decides; the DSR reference code sets it to zero, which kills it at the next check (a
+  bug, not reproduced).
+* **Soft Deep R** keeps theta for every connection: dormant ones do a random walk (noise only, no gradient and no
+  prior) clamped below at theta_min = -T max_s / (l1 (1 - max_s)) with max_s = 1 - density, and come back when theta
+  crosses zero, with weight s * theta. The number of active connections is free; a layer about to lose its last one
+  keeps the connection with the largest theta (at ``grow_magnitude``), so no layer is ever emptied.
+  ALGORITHMS.md writes theta_min as -(0.5 a^2 max_s) / (l1 (1 - max_s)) in the reference code's noise amplitude
+  a = sqrt(2 T); it is the same number.
+
+The noise and prior are applied to the weights directly (as Bellec's code does), not through the optimizer, so
+momentum never carries them; written through ``MaskSet.set_values_`` they reach DeepSpeed's fp32 masters too. The
+death test reads the module's weights, which under fp16 lose magnitudes below about 6e-8: use fp32 or bf16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from pruning.agreement import seeded_generator
+from pruning.masks import MaskSet
+from pruning.methods.base import MethodConfig, MethodContext, SparsityMethod, register_method
+from pruning.methods.dst import random_masks, seeded_uniform
+from pruning.selection import keep_top_k, layer_densities
+
+
+@dataclass
+class DeepRConfig(MethodConfig):
+    """density: fraction of connections active (initially, and always for Deep R); distribution of the initial
+    per-layer budgets; temperature T and l1 prior of the theta update (Bellec's MNIST script: l1 1e-5 and noise
+    amplitude 1e-5 per unit learning rate at lr 0.5, i.e. T = 2.5e-11); grow_magnitude: theta of a regrown
+    connection (Bellec's code: 1e-12); no rewiring from ``stop_epoch`` on (null: never stop); log_every: steps
+    between logged rewiring counts."""
+
+    density: float = 0.1
+    distribution: Literal["uniform", "er", "erk"] = "uniform"
+    temperature: float = 1e-10
+    l1: float = 1e-5
+    grow_magnitude: float = 1e-12
+    stop_epoch: int | None = None
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.density < 1.0:
+            raise ValueError(f"density must be in (0, 1) (the fraction of connections active), got {self.density}")
+        if self.distribution not in ("uniform", "er", "erk"):
+            raise ValueError(f"distribution must be uniform, er or erk, got {self.distribution!r}")
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
+        if self.l1 < 0.0:
+            raise ValueError(f"l1 must be non-negative, got {self.l1}")
+        if not self.grow_magnitude > 0.0:
+            raise ValueError(f"grow_magnitude must be positive (a regrown connection must be alive), "
+                             f"got {self.grow_magnitude}")
+        if self.stop_epoch is not None and self.stop_epoch < 0:
+            raise ValueError(f"stop_epoch must be non-negative or null, got {self.stop_epoch}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be at least 1 step, got {self.log_every}")
+
+
+@register_method("deep_r")
+class DeepR(SparsityMethod):
+    """Deep R: signed connections, noisy L1-regularised theta, sign-flip deaths, random regrowth per layer."""
+
+    Config = DeepRConfig
+    config: DeepRConfig
+
+    def __init__(self, config: MethodConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                 context: MethodContext) -> None:
+        super().__init__(config, model, optimizer, context)
+        self.steps_per_epoch = max(1, context.steps_per_epoch)
+        stop = self.config.stop_epoch if self.config.stop_epoch is not None else context.epochs
+        self.stop_step = stop * self.steps_per_epoch
+        self.signs: dict[str, torch.Tensor] = {}
+        self.died = {name: 0 for name in self.params}      # since the last logged event
+        self.grown = {name: 0 for name in self.params}
+        self.total_died = 0
+
+    # ------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        """Signs from the initial weights (zero counts as +), then a random mask at ``density``."""
+        self.signs = {name: self._sign_of(p.detach()) for name, p in self.params.items()}
+        self.masks = MaskSet(self.params)
+        self.masks.update(random_masks(self.params, self.config.density, self.config.distribution,
+                                       self.context.seed), optimizer=self.optimizer)
+
+    @staticmethod
+    def _sign_of(weight: torch.Tensor) -> torch.Tensor:
+        return torch.where(weight < 0, -1.0, 1.0).to(weight.dtype)
+
+    # ------------------------------------------------------------ the update
+    def learning_rates(self) -> dict[str, float]:
+        """The learning rate of the step just taken, per layer (the optimizer's param group of each weight)."""
+        if self.optimizer is None:
+            raise RuntimeError(f"{self.name} needs the optimizer: its noise and prior scale with the learning rate")
+        group_lr = {id(p): float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]}
+        return {name: group_lr[id(p)] for name, p in self.params.items()}
+
+    def theta_step(self, step: int, name: str, theta: torch.Tensor, active: torch.Tensor, lr: float) -> torch.Tensor:
+        """theta + sqrt(2 lr T) nu - lr l1 [active]: noise everywhere it is given, the prior on active connections."""
+        cfg = self.config
+        out = theta - (lr * cfg.l1) * active.to(theta.dtype)
+        sigma = math.sqrt(2.0 * lr * cfg.temperature)
+        if sigma > 0.0:
+            noise = torch.randn(theta.shape, generator=seeded_generator(self.context.seed, step, f"deepr/noise/{name}"))
+            out = out + sigma * noise.to(device=theta.device, dtype=theta.dtype)
+        return out
+
+    def after_step(self, step: int) -> None:
+        if step >= self.stop_step:
+            return
+        assert self.masks is not None, "setup() or load_state_dict() first"
+        lrs = self.learning_rates()
+        new, values = {}, {}
+        with torch.no_grad():
+            for name, param in self.params.items():
+                new[name], values[name] = self.rewire(step, name, param.detach(), lrs[name])
+        changed = {n: m for n, m in new.items() if not torch.equal(m, self.masks[n])}
+        if changed:
+            for name, change in self.masks.update(changed, optimizer=self.optimizer, grow_values=values).items():
+                self.died[name] += change.dropped
+                self.grown[name] += change.grown
+                self.total_died += change.dropped
+        self.masks.set_values_(values)
+        if (step + 1) % self.config.log_every == 0:
+            self.record(step + 1, self._event())
+
+    def rewire(self, step: int, name: str, weight: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new mask, new weight values) of one layer: deaths by theta <= 0, then as many random regrowths."""
+        assert self.masks is not None
+        mask, sign = self.masks[name], self.signs[name]
+        theta = self.theta_step(step, name, sign * weight, mask, lr)
+        alive = mask & (theta > 0)
+        died = int(mask.sum()) - int(alive.sum())
+        if died == 0:
+            return mask, sign * theta.clamp_min(0.0)
+        scores = seeded_uniform(weight, self.context.seed, step, f"deepr/grow/{name}").masked_fill(alive, -math.inf)
+        grown = keep_top_k(scores, died)
+        theta = torch.where(grown, torch.full_like(theta, self.config.grow_magnitude), theta.clamp_min(0.0))
+        return alive | grown, sign * theta
+
+    # ------------------------------------------------------------ reporting
+    def _event(self) -> dict[str, float]:
+        assert self.masks is not None
+        out: dict[str, float] = {"deepr/died_total": float(self.total_died)}
+        for name, mask in self.masks.items():
+            out[f"deepr/died/{name}"] = float(self.died[name])
+            out[f"deepr/grown/{name}"] = float(self.grown[name])
+            out[f"deepr/density/{name}"] = int(mask.sum()) / mask.numel()
+        self.died = {name: 0 for name in self.params}
+        self.grown = {name: 0 for name in self.params}
+        return out
+
+    def layer_targets(self) -> dict[str, float] | None:
+        shapes = {name: p.shape for name, p in self.params.items()}
+        return layer_densities(shapes, self.config.density, self.config.distribution)
+
+    def metrics(self) -> dict[str, float]:
+        return {"deepr/died_total": float(self.total_died)}
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["signs"] = {name: (s > 0).cpu() for name, s in self.signs.items()}
+        state["total_died"] = self.total_died
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        signs = state.get("signs")
+        if signs is None or set(signs) != set(self.params):
+            raise ValueError(f"the checkpoint has no connection signs for {self.name}; resume with the same method")
+        self.signs = {name: torch.where(signs[name].to(p.device), 1.0, -1.0).to(p.dtype)
+                      for name, p in self.params.items()}
+        self.total_died = int(state.get("total_died", 0))
+
+
+@dataclass
+class SoftDeepRConfig(DeepRConfig):
+    """Deep R's settings; density also sets the dormant clip theta_min (max_s = 1 - density), so l1 must be > 0."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.l1 > 0.0:
+            raise ValueError(f"l1 must be positive for soft_deep_r (theta_min divides by it), got {self.l1}")
+
+
+@register_method("soft_deep_r")
+class SoftDeepR(DeepR):
+    """Soft Deep R: theta for every connection, dormant ones random-walk above theta_min; the active count is free."""
+
+    Config = SoftDeepRConfig
+    config: SoftDeepRConfig
+
+    def __init__(self, config: MethodConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                 context: MethodContext) -> None:
+        super().__init__(config, model, optimizer, context)
+        self.theta: dict[str, torch.Tensor] = {}
+        d = self.config.density      # theta_min = -T max_s / (l1 (1 - max_s)), max_s = 1 - d (Bellec's clip)
+        self.theta_min = -self.config.temperature * (1.0 - d) / (self.config.l1 * d)
+
+    def setup(self) -> None:
+        """As Deep R; dormant connections start at theta ~ U(theta_min, 0) (Bellec's initialisation)."""
+        super().setup()
+        assert self.masks is not None
+        self.theta = {}
+        for name, param in self.params.items():
+            start = seeded_uniform(param, self.context.seed, 0, f"deepr/theta0/{name}").to(param.dtype) * self.theta_min
+            self.theta[name] = torch.where(self.masks[name], self.signs[name] * param.detach(), start)
+
+    def rewire(self, step: int, name: str, weight: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.masks is not None
+        mask, sign = self.masks[name], self.signs[name]
+        theta = torch.where(mask, sign * weight, self.theta[name])          # active ones took the optimizer's step
+        theta = self.theta_step(step, name, theta, mask, lr).clamp_min(self.theta_min)
+        alive = theta > 0
+        if not bool(alive.any()):                                            # never empty a layer
+            best = torch.argmax(theta.reshape(-1))
+            theta.view(-1)[best] = self.config.grow_magnitude
+            alive = theta > 0
+        self.theta[name] = theta
+        return alive, sign * theta.clamp_min(0.0)
+
+    def layer_targets(self) -> dict[str, float] | None:
+        return None        # the active count is free under soft Deep R
+
+    def metrics(self) -> dict[str, float]:
+        out = super().metrics()
+        out["deepr/theta_min"] = self.theta_min
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["theta"] = {name: t.cpu() for name, t in self.theta.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.theta = {name: state["theta"][name].to(p.device, p.dtype) for name, p in self.params.items()}
