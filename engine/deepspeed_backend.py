@@ -83,6 +83,14 @@ def _local_slice(param: nn.Parameter) -> _Slice | None:
     return _Slice(mapping) if mapping is not None else None
 
 
+def _local_grad(param: nn.Parameter, part: _Slice) -> torch.Tensor:
+    """This rank's slice of the reduced gradient, a view into DeepSpeed's buffer (flattened, logical order)."""
+    grad = part.mapping.get_lp_grad_fragment(param._index_in_param_group).view(-1)
+    if grad.numel() != part.numel:           # an optimizer that keeps a whole-parameter gradient buffer
+        grad = grad.narrow(0, part.lp_start, part.numel)
+    return grad
+
+
 class ZeroAccess(ParamAccess):
     """MaskSet access under ZeRO 1/2: module copy plus this rank's master, optimizer-state and gradient slices."""
 
@@ -124,13 +132,26 @@ class ZeroAccess(ParamAccess):
             part = _local_slice(param)
             if part is None:
                 continue
-            grad = part.mapping.get_lp_grad_fragment(param._index_in_param_group).view(-1)
-            if grad.numel() != part.numel:           # an optimizer that keeps a whole-parameter gradient buffer
-                grad = grad.narrow(0, part.lp_start, part.numel)
+            grad = _local_grad(param, part)
             grads.append(grad)
             multipliers.append(self._local_factor(name, factor, part, grad.dtype))
         if grads:
             torch._foreach_mul_(grads, multipliers)
+
+    def dense_grads(self, params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Whole reduced gradients from every rank's slices: one all-reduce of a buffer of the named parameters'
+        size (the slices are disjoint, so the sum is the concatenation). Update steps only, never the hot path."""
+        names = list(params)
+        sizes = [params[n].numel() for n in names]
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+        for name, view in zip(names, buffer.split(sizes)):
+            part = _local_slice(params[name])
+            if part is not None:
+                part.of_full(view).copy_(_local_grad(params[name], part))
+        dist.all_reduce(buffer)
+        return {name: view.reshape(params[name].shape).to(params[name].dtype)
+                for name, view in zip(names, buffer.split(sizes))}
 
     def _local_factor(self, name: str, factor: torch.Tensor, part: _Slice, dtype: torch.dtype) -> torch.Tensor:
         """This rank's slice of the mask factor, cut once per mask change and kept in the gradient's dtype."""

@@ -63,6 +63,16 @@ class ParamAccess:
         """Zero every per-element optimizer state of ``param`` at ``positions``."""
         zero_optimizer_state(optimizer, param, positions)
 
+    def dense_grads(self, params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """A copy of the whole reduced gradient of each named parameter, pruned entries included (RigL's grow
+        scores); call before the gradients are masked. A collective where the backend partitions gradients."""
+        out = {}
+        for name, param in params.items():
+            if param.grad is None:
+                raise RuntimeError(f"no gradient for {name}: dense gradients are read after backward, before the step")
+            out[name] = param.grad.detach().clone()
+        return out
+
     def mask_grads_(self, params: Mapping[str, nn.Parameter], factors: Mapping[str, torch.Tensor]) -> None:
         """Multiply gradients by their 0/1 factors: one fused pass, the hot path of every step."""
         grads, multipliers = [], []

@@ -1,5 +1,7 @@
 """Run under torchrun by tests/test_dst.py: SET, RigL, DSR and Deep R on two ranks that see different batches, then a SET
-variant that makes a rank-local choice on rank 1 and must stop with MaskDisagreementError."""
+variant that makes a rank-local choice on rank 1 and must stop with MaskDisagreementError.
+
+Usage: dst_probe.py OUT_DIR [ddp|zero2] (zero2: the DeepSpeed backend with ZeRO stage 2)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ METHODS = {
     "dsr": ["sparsity.method=dsr", "sparsity.period=3", "sparsity.period_epochs=[]", "sparsity.periods=[]",
             "sparsity.target_pruned=40"],
     "deep_r": ["sparsity.method=deep_r", "sparsity.temperature=1e-6", "sparsity.l1=1e-4"],
+    "rigl_one": ["sparsity.method=rigl", "sparsity.period=3", "train.epochs=1", "train.max_steps_per_epoch=3"],
 }
 
 
@@ -36,6 +39,9 @@ class RankLocalSET(SET):
         if self.context.rank == 1:
             return torch.rand(self.params[name].shape, generator=torch.Generator().manual_seed(12345 + step))
         return super().grow_scores(step, name)
+
+
+BACKENDS = {"ddp": [], "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"]}
 
 
 def run(out_dir: str, name: str, overrides: list[str]) -> None:
@@ -50,18 +56,20 @@ def run(out_dir: str, name: str, overrides: list[str]) -> None:
         with open(f"{out_dir}/rank{env.rank}-{name}.txt", "w") as handle:
             handle.write(str(error))
         return
-    torch.save({"model": trainer.model.state_dict(), "masks": trainer.method.masks.state_dict(),
+    weights = trainer.backend.model_state_dict()       # under ZeRO: the gathered fp32 masters (every rank calls it)
+    torch.save({"model": weights, "masks": trainer.method.masks.state_dict(),
                 "metrics": trainer.method.metrics(), "steps": summary["steps"], "acc": summary["test_acc"],
                 "first_batch": first_inputs}, f"{out_dir}/rank{env.rank}-{name}.pt")
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, backend_name: str) -> None:
     env = DistEnv.from_environ()
     backend = None
+    extra = BACKENDS[backend_name]
     try:
         for name, overrides in METHODS.items():
-            run(out_dir, name, overrides)
-        run(out_dir, "broken", ["sparsity.method=set_rank_local", "sparsity.period=3"])
+            run(out_dir, name, [*overrides, *extra])
+        run(out_dir, "broken", ["sparsity.method=set_rank_local", "sparsity.period=3", *extra])
         gc.collect()    # free the runs' DDP wrappers while the process group they hold is still alive
         backend = build_backend(load_config(None, []).parallel, env, torch.device("cpu"), "fp32")
         backend.barrier()
@@ -71,4 +79,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ddp")

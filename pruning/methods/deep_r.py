@@ -93,6 +93,9 @@ class DeepR(SparsityMethod):
         self.died = {name: 0 for name in self.params}      # since the last logged event
         self.grown = {name: 0 for name in self.params}
         self.total_died = 0
+        # the param group of each layer, found now: DeepSpeed later swaps the groups' tensors for its partitions
+        where = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]} if optimizer else {}
+        self.group_index = {name: where[id(p)] for name, p in self.params.items() if id(p) in where}
 
     # ------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -111,8 +114,8 @@ class DeepR(SparsityMethod):
         """The learning rate of the step just taken, per layer (the optimizer's param group of each weight)."""
         if self.optimizer is None:
             raise RuntimeError(f"{self.name} needs the optimizer: its noise and prior scale with the learning rate")
-        group_lr = {id(p): float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]}
-        return {name: group_lr[id(p)] for name, p in self.params.items()}
+        groups = self.optimizer.param_groups
+        return {name: float(groups[index]["lr"]) for name, index in self.group_index.items()}
 
     def theta_step(self, step: int, name: str, theta: torch.Tensor, active: torch.Tensor, lr: float) -> torch.Tensor:
         """theta + sqrt(2 lr T) nu - lr l1 [active]: noise everywhere it is given, the prior on active connections."""

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from pruning.agreement import seeded_generator
-from pruning.masks import MaskChange, MaskSet, ParamAccess
+from pruning.masks import MaskChange, MaskSet
 from pruning.methods.base import MethodConfig, MethodContext, SparsityMethod, register_method
 from pruning.selection import global_top_k, keep_top_k, layer_counts, layer_densities
 from pruning.targets import TargetConfig
@@ -247,9 +247,9 @@ class RigLConfig(SETConfig):
 class RigL(SET):
     """RigL: SET's drop, but grow where |dense gradient| is largest among inactive positions.
 
-    The dense gradient is the one of this step, already reduced over ranks (DDP, DeepSpeed stage 0), copied in
-    ``before_step`` of update steps before the pruned entries are masked. Backends that keep the reduced gradient
-    outside ``param.grad`` (DeepSpeed ZeRO 1/2) are refused there, loudly.
+    The dense gradient is the one of this step, already reduced over ranks, read in ``before_step`` of update steps
+    before the pruned entries are masked, through the MaskSet's access: ``param.grad`` under DDP, every rank's
+    slices of DeepSpeed's partitioned buffers (gathered by one all-reduce) under ZeRO 1 and 2.
     """
 
     Config = RigLConfig
@@ -262,15 +262,8 @@ class RigL(SET):
 
     def before_step(self, step: int) -> None:
         if self.is_update_step(step):
-            if self.masks is not None and type(self.masks.access) is not ParamAccess:
-                raise RuntimeError(f"rigl reads the reduced dense gradient from param.grad, but this backend keeps "
-                                   f"gradients elsewhere ({type(self.masks.access).__name__}, DeepSpeed ZeRO 1/2); "
-                                   "use parallel.backend=ddp or zero_stage 0")
-            for name, param in self.params.items():
-                if param.grad is None:
-                    raise RuntimeError(f"rigl needs the dense gradient of {name} in param.grad at step {step}; this "
-                                       "backend keeps it elsewhere (DeepSpeed ZeRO 1/2): use ddp or zero_stage 0")
-                self.dense_grads[name] = param.grad.detach().abs().clone()
+            assert self.masks is not None, "setup() or load_state_dict() first"
+            self.dense_grads = {name: grad.abs_() for name, grad in self.masks.access.dense_grads(self.params).items()}
         super().before_step(step)
 
     def grow_scores(self, step: int, name: str) -> torch.Tensor:
