@@ -147,7 +147,7 @@ def test_an_update_that_loses_weights_is_refused() -> None:
                           MethodContext(steps_per_epoch=10))
     with_mask(method, {"weight": ACTIVE})
     method.new_masks = lambda step: {"weight": torch.tensor([[True] * 4 + [False] * 4])}
-    with pytest.raises(RuntimeError, match="set changed the active weight count from 5 to 4"):
+    with pytest.raises(RuntimeError, match="set changed the active count from 5 to 4"):
         method.after_step(0)
 
 
@@ -209,6 +209,57 @@ def test_dsr_drops_only_what_fits_when_the_network_is_full() -> None:
     method.after_step(0)
     assert method.masks["weight"].tolist() == [[False, True, True, True, True, True, True, True]]
     assert method.last_pruned == 1
+
+
+def test_dsr_kernel_granularity_by_hand() -> None:
+    # Conv 2 -> 2, kernel 1 x 2: four slices. Means |w|: (0,0) 0.6, (0,1) 0.03, (1,0) 1.5; (1,1) inactive.
+    # H = 0.1 drops slice (0,1); its one slice regrows in the only other free slice, (1,1); K = 1 < 0.9 N_p: H doubles.
+    conv = nn.Conv2d(2, 2, kernel_size=(1, 2), bias=False)
+    weights = torch.tensor([[[[0.5, 0.7]], [[0.05, -0.01]]], [[[-2.0, 1.0]], [[0.3, 0.3]]]])
+    with torch.no_grad():
+        conv.weight.copy_(weights)
+    cfg = DSRConfig(method="dsr", density=0.75, period=1, period_epochs=[], periods=[], threshold_init=0.1,
+                    target_pruned=5, granularity="kernel", targets=TargetConfig())
+    method = build_method(cfg, conv, None, MethodContext(seed=1, steps_per_epoch=10))
+    method.setup()
+    assert method.active_count() == 3 and method.masks["weight"].reshape(4, 2).sum(1).tolist() in (
+        [2, 2, 2, 0], [2, 2, 0, 2], [2, 0, 2, 2], [0, 2, 2, 2])                  # whole slices, exactly 3 of 4
+    start = torch.tensor([True, True, True, False]).reshape(2, 2, 1, 1).expand(2, 2, 1, 2)
+    method.masks.update({"weight": start})
+    with torch.no_grad():
+        conv.weight.copy_(weights * start)
+    method.after_step(0)
+    expected = torch.tensor([True, False, True, True]).reshape(2, 2, 1, 1).expand(2, 2, 1, 2)
+    assert method.masks["weight"].tolist() == expected.tolist()
+    assert torch.equal(conv.weight.detach(), weights * (expected & start))     # grown slice (1,1) starts at 0
+    assert method.last_pruned == 1 and method.threshold == 0.2 and method.active_count() == 3
+
+
+def test_dsr_kernel_granularity_invariants() -> None:
+    torch.manual_seed(0)
+    model = models.build_model("conv", in_channels=1, image_size=8, num_classes=4)
+    optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=0.05, momentum=0.9))
+    cfg = DSRConfig(method="dsr", density=0.3, distribution="erk", period=2, period_epochs=[], periods=[],
+                    target_pruned=10, granularity="kernel", targets=TargetConfig())
+    method = build_method(cfg, model, optimizer, MethodContext(seed=5, steps_per_epoch=40, epochs=1))
+    method.setup()
+    backend = Backend(DistEnv(), torch.device("cpu"))
+    backend.wrap(model)
+    inputs, targets = torch.randn(32, 1, 8, 8), torch.randint(0, 4, (32,))
+    slices = method.active_count()
+    moved = 0
+    for step in range(40):
+        backend.backward(nn.functional.cross_entropy(model(inputs), targets))
+        backend.step(optimizer, lambda: method.before_step(step), clip_grad_norm=None)
+        method.after_step(step)
+        assert method.active_count() == slices
+        for n, param in method.params.items():
+            mask = method.masks[n]
+            rows = mask.reshape(method.units(n)[0], -1)
+            assert (rows.all(1) | ~rows.any(1)).all(), f"{n}: a kernel slice is partly masked"
+            assert mask.any() and (param[~mask] == 0).all()
+        moved += sum(c.grown for c in method.last_changes.values())
+    assert method.updates == 20 and moved > 0 and any(p.dim() == 4 for p in method.params.values())
 
 
 # ------------------------------------------------------------------ invariants over many updates

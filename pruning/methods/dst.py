@@ -23,7 +23,7 @@ import torch
 from pruning.agreement import seeded_generator
 from pruning.masks import MaskChange, MaskSet
 from pruning.methods.base import MethodConfig, MethodContext, SparsityMethod, register_method
-from pruning.selection import global_top_k, keep_top_k, layer_counts, layer_densities
+from pruning.selection import apportion, global_top_k, keep_top_k, layer_counts, layer_densities
 from pruning.targets import TargetConfig
 
 GrowInit = Literal["zero", "reinit"]
@@ -113,7 +113,7 @@ class DynamicSparse(SparsityMethod, abc.ABC):
         if not self.is_update_step(step):
             return
         assert self.masks is not None, "setup() or load_state_dict() first"
-        before = {name: int(m.sum()) for name, m in self.masks.items()}
+        before = self.active_count()
         with torch.no_grad():
             new = self.new_masks(step)
         grow = self.grow_values(step)
@@ -145,12 +145,16 @@ class DynamicSparse(SparsityMethod, abc.ABC):
             values[name] = (self.random_scores(step, "reinit", name) * 2.0 - 1.0) * bound
         return values
 
-    def check_conserved(self, before: dict[str, int]) -> None:
-        """Raise if the update changed the total number of active weights (a bug in the method, never rounding)."""
+    def active_count(self) -> int:
+        """What an update conserves: active weights (DSR with kernel granularity: active kernel slices)."""
         assert self.masks is not None
-        after = sum(int(m.sum()) for _, m in self.masks.items())
-        if after != sum(before.values()):
-            raise RuntimeError(f"{self.name} changed the active weight count from {sum(before.values())} to {after}; "
+        return sum(int(m.sum()) for _, m in self.masks.items())
+
+    def check_conserved(self, before: int) -> None:
+        """Raise if the update changed the active count (a bug in the method, never rounding)."""
+        after = self.active_count()
+        if after != before:
+            raise RuntimeError(f"{self.name} changed the active count from {before} to {after}; "
                                "drop-and-grow must conserve it")
 
     # ------------------------------------------------------------ reporting
@@ -283,8 +287,9 @@ class RigL(SET):
 @dataclass
 class DSRConfig(DSTConfig):
     """threshold_init: H at the start; target_pruned: N_p, the number of weights each update should prune
-    (20000 for WRN-28-2, 400000 for ResNet-50). Defaults: DSR's period schedule; stem, shortcuts and classifier
-    dense."""
+    (20000 for WRN-28-2, 400000 for ResNet-50); granularity: weight, or kernel (whole k x k kernel slices of a conv,
+    scored by their mean |w|; then N_p and the conserved count are in slices, a linear layer's slice being one
+    weight). Defaults: DSR's period schedule; stem, shortcuts and classifier dense."""
 
     targets: TargetConfig = field(
         default_factory=lambda: TargetConfig(exclude_roles=["stem", "shortcut", "classifier"]))
@@ -292,9 +297,12 @@ class DSRConfig(DSTConfig):
     periods: list[int] = field(default_factory=lambda: [100, 200, 400, 800])
     threshold_init: float = 1e-3
     target_pruned: int = 20000
+    granularity: Literal["weight", "kernel"] = "weight"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.granularity not in ("weight", "kernel"):
+            raise ValueError(f"granularity must be weight or kernel, got {self.granularity!r}")
         if not self.threshold_init > 0.0:
             raise ValueError(f"threshold_init must be positive, got {self.threshold_init}")
         if self.target_pruned < 1:
@@ -343,27 +351,75 @@ class DSR(DynamicSparse):
         self.threshold = self.config.threshold_init
         self.last_pruned = 0
 
+    # ------------------------------------------------------------ units: weights, or kernel slices
+    def units(self, name: str) -> tuple[int, int]:
+        """(number of units, weights per unit) of a layer: single weights, or k x k kernel slices of a conv."""
+        param = self.params[name]
+        if self.config.granularity == "weight" or param.dim() <= 2:
+            return param.numel(), 1
+        return param.shape[0] * param.shape[1], param[0, 0].numel()
+
+    def unit_mask(self, name: str) -> torch.Tensor:
+        """The layer's mask per unit (kernel masks are whole slices: one entry stands for its slice)."""
+        assert self.masks is not None
+        return self.masks[name].reshape(self.units(name)[0], -1)[:, 0]
+
+    def unit_magnitude(self, name: str) -> torch.Tensor:
+        """|w| per unit: the weight's own, or the mean over its kernel slice."""
+        return self.params[name].detach().abs().reshape(self.units(name)[0], -1).mean(1)
+
+    def unit_random(self, step: int, purpose: str, name: str) -> torch.Tensor:
+        return torch.rand(self.units(name)[0], generator=seeded_generator(self.context.seed, step,
+                                                                          f"{purpose}/{name}"))
+
+    def to_weights(self, name: str, unit_mask: torch.Tensor) -> torch.Tensor:
+        """A per-unit mask as the layer's full mask."""
+        param = self.params[name]
+        count, size = self.units(name)
+        return unit_mask.to(param.device).reshape(count, 1).expand(count, size).reshape(param.shape)
+
+    def active_count(self) -> int:
+        assert self.masks is not None
+        return sum(int(self.unit_mask(name).sum()) for name in self.params)
+
+    def setup(self) -> None:
+        """Weight granularity: as every DST method. Kernel: random whole slices, the distribution's densities
+        apportioned over slices so the total is exactly round(density * slices)."""
+        if self.config.granularity == "weight":
+            super().setup()
+            return
+        densities = layer_densities({n: p.shape for n, p in self.params.items()}, self.config.density,
+                                    self.config.distribution)
+        counts = [self.units(n)[0] for n in self.params]
+        kept = apportion(round(self.config.density * sum(counts)),
+                         [densities[n] * c for n, c in zip(self.params, counts)], counts)
+        self.masks = MaskSet(self.params)
+        self.masks.update({n: self.to_weights(n, keep_top_k(self.unit_random(0, "init", n), k))
+                           for n, k in zip(self.params, kept)}, optimizer=self.optimizer)
+
+    # ------------------------------------------------------------ the update
     def new_masks(self, step: int) -> dict[str, torch.Tensor]:
         assert self.masks is not None
         names = list(self.params)
+        masks = {n: self.unit_mask(n) for n in names}
         drop: dict[str, torch.Tensor] = {}
         for name in names:
-            mask = self.masks[name]
-            magnitude = self.params[name].detach().abs().masked_fill(~mask, math.inf)
+            mask = masks[name]
+            magnitude = self.unit_magnitude(name).masked_fill(~mask, math.inf)
             below = mask & (magnitude < self.threshold)
             if mask.any() and bool((below == mask).all()):                # would empty the layer: keep its largest
-                largest = torch.argmax(magnitude.masked_fill(~mask, -math.inf).reshape(-1))
-                below.view(-1)[largest] = False
+                largest = torch.argmax(magnitude.masked_fill(~mask, -math.inf))
+                below[largest] = False
             drop[name] = below
-        capacity = [int((~self.masks[n]).sum()) for n in names]
+        capacity = [int((~masks[n]).sum()) for n in names]
         drop = self._fit_capacity(drop, sum(capacity))
-        survivors = [int((self.masks[n] & ~drop[n]).sum()) for n in names]
+        survivors = [int((masks[n] & ~drop[n]).sum()) for n in names]
         pruned = sum(int(d.sum()) for d in drop.values())
         shares = dsr_shares(pruned, survivors, capacity, seeded_generator(self.context.seed, step, "dsr/remainder"))
         new = {}
         for name, count in zip(names, shares):
-            scores = self.random_scores(step, "grow", name).masked_fill(self.masks[name], -math.inf)
-            new[name] = (self.masks[name] & ~drop[name]) | keep_top_k(scores, count)
+            scores = self.unit_random(step, "grow", name).to(masks[name].device).masked_fill(masks[name], -math.inf)
+            new[name] = self.to_weights(name, (masks[name] & ~drop[name]) | keep_top_k(scores, count))
         self.last_pruned = pruned
         n_p = self.config.target_pruned
         if pruned > 1.1 * n_p:
@@ -373,10 +429,10 @@ class DSR(DynamicSparse):
         return new
 
     def _fit_capacity(self, drop: dict[str, torch.Tensor], room: int) -> dict[str, torch.Tensor]:
-        """Keep only the ``room`` smallest |w| of the drop set (ties by position) when it exceeds the room."""
+        """Keep only the ``room`` smallest units of the drop set (ties by position) when it exceeds the room."""
         if sum(int(d.sum()) for d in drop.values()) <= room:
             return drop
-        scores = {n: (-self.params[n].detach().abs()).masked_fill(~d, -math.inf) for n, d in drop.items()}
+        scores = {n: (-self.unit_magnitude(n)).masked_fill(~d, -math.inf) for n, d in drop.items()}
         return global_top_k(scores, room)
 
     def layer_targets(self) -> dict[str, float] | None:
