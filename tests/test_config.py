@@ -26,7 +26,7 @@ BAD_INPUTS = [
     (["sparsity.method=magnitude", "sparsity.density=1.5"],
      "sparsity.density must be in (0, 1] (the fraction of weights kept), got 1.5"),
     (["sparsity.method=magnitud"], "sparsity.method 'magnitud' is not a known sparsity method (did you mean "
-                                   "'magnitude'?); valid: dense, "),
+                                   "'magnitude'?); valid: deep_r, dense, "),
     (["sparsity.method=random", "sparsity.distribution=erk"],
      "sparsity.distribution 'erk' sets per-layer budgets; it needs scope: local (set sparsity.scope=local)"),
     (["sparsity.targets.exclude_roles=[head]"], "sparsity.targets.exclude_roles has unknown role 'head'"),

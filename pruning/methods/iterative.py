@@ -1,0 +1,203 @@
+"""Iterative pruning from a dense model (ALGORITHMS.md section 3; the DSR paper's "compressed sparse" baseline).
+
+Train densely for ``start_epoch`` epochs, then prune by magnitude ``prunes`` = n times, ``every_epochs`` = k epochs
+apart, then fine-tune for the remaining epochs. Prune j (j = 0..n-1) happens when start_epoch + j*k epochs are done,
+i.e. at t = (start_epoch + j*k) * steps_per_epoch optimizer steps (t = 0 is ``setup``), and leaves the density
+
+    cubic (default):  d_{j+1} = 1 - s + s (1 - (j+1)/n)^3
+    exponential:      d_{j+1} = (1 - s)^((j+1)/n)
+
+where s = ``final_sparsity``. The fraction of the remaining weights removed by prune j is therefore
+
+    cubic:        f_j = 1 - (1 - s + s (1 - (j+1)/n)^3) / (1 - s + s (1 - j/n)^3)
+    exponential:  f_j = 1 - (1 - s)^(1/n) (the same at every prune).
+
+Each prune keeps the largest |W| of the weights still kept, with absolute counts computed from d_{j+1} (never by
+compounding rounded fractions): round(d_{j+1} * N_l) in every layer (scope layer) or round(d_{j+1} * N) in all with one
+threshold (scope global). The per-prune fraction equals f_j up to that rounding, and the final density is exactly
+round((1 - s) * N) (per layer, or in total), checked at the last prune. Pruned weights score -inf, so masks only
+shrink and a pruned weight never comes back (nothing is stored for it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from pruning.methods.base import MethodConfig, MethodContext, RunFacts, register_method
+from pruning.methods.gradual import ScheduledPruning, keep_count
+from pruning.selection import global_top_k, keep_top_k
+
+FractionKind = Literal["exponential", "cubic"]
+FRACTION_KINDS = ("exponential", "cubic")
+IterativeScope = Literal["layer", "global"]
+ITERATIVE_SCOPES = ("layer", "global")
+
+
+def density_after(k: int, n: int, s: float, kind: str) -> float:
+    """Density d_{k+1} once prunes 0..k of n are done (k = -1: before any prune, 1.0); exactly 1 - s at k = n - 1."""
+    if not -1 <= k < n:
+        raise ValueError(f"prune index k must be in [-1, {n - 1}] for n = {n} prunes, got {k}")
+    if kind not in FRACTION_KINDS:
+        raise ValueError(f"fraction must be one of {', '.join(FRACTION_KINDS)}, got {kind!r}")
+    if k == -1:
+        return 1.0
+    if k == n - 1:
+        return 1.0 - s          # the same float every exact-count check uses
+    if kind == "exponential":
+        return (1.0 - s) ** ((k + 1) / n)
+    return 1.0 - s + s * (1.0 - (k + 1) / n) ** 3
+
+
+def per_prune_fraction(k: int, n: int, s: float, kind: str) -> float:
+    """f_k: the share of the weights still kept that prune k (0-based) removes."""
+    if not 0 <= k < n:
+        raise ValueError(f"prune index k must be in [0, {n - 1}] for n = {n} prunes, got {k}")
+    return 1.0 - density_after(k, n, s, kind) / density_after(k - 1, n, s, kind)
+
+
+@dataclass
+class IterativeConfig(MethodConfig):
+    """final_sparsity s; prunes n, every_epochs k apart, the first when start_epoch epochs are done; fraction: the
+    per-prune schedule (cubic or exponential); scope: layer (each layer alike) or global (one threshold).
+
+    start_epoch defaults to 1: "from dense" means the first prune sees trained magnitudes, and one epoch is the
+    shortest training that gives them; 0 is allowed and prunes the initial weights at setup.
+    """
+
+    final_sparsity: float = 0.9
+    prunes: int = 5
+    every_epochs: int = 1
+    start_epoch: int = 1
+    fraction: FractionKind = "cubic"
+    scope: IterativeScope = "layer"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.final_sparsity < 1.0:
+            raise ValueError(f"final_sparsity must be in (0, 1) (the fraction of weights pruned at the end), "
+                             f"got {self.final_sparsity}")
+        if self.prunes < 1:
+            raise ValueError(f"prunes must be at least 1, got {self.prunes}")
+        if self.every_epochs < 1:
+            raise ValueError(f"every_epochs must be at least 1 epoch between prunes, got {self.every_epochs}")
+        if self.start_epoch < 0:
+            raise ValueError(f"start_epoch must be >= 0 (epochs of dense training before the first prune), "
+                             f"got {self.start_epoch}")
+        if self.fraction not in FRACTION_KINDS:
+            raise ValueError(f"fraction must be one of {', '.join(FRACTION_KINDS)}, got {self.fraction!r}")
+        if self.scope not in ITERATIVE_SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(ITERATIVE_SCOPES)}, got {self.scope!r}")
+
+    def last_prune_epoch(self) -> int:
+        """Epochs done at the last prune: start_epoch + (prunes - 1) * every_epochs."""
+        return self.start_epoch + (self.prunes - 1) * self.every_epochs
+
+    def check_epochs(self, epochs: int) -> None:
+        """The last prune must leave at least one epoch of fine-tuning."""
+        last = self.last_prune_epoch()
+        if last >= epochs:
+            raise ValueError(f"sparsity.start_epoch + (prunes - 1) * every_epochs = {self.start_epoch} + "
+                             f"({self.prunes} - 1) * {self.every_epochs} = {last}: the last prune leaves no "
+                             f"post-prune epoch in train.epochs={epochs}; set train.epochs above {last} or lower "
+                             "sparsity.start_epoch, sparsity.prunes or sparsity.every_epochs")
+
+    def check_run(self, run: RunFacts) -> None:
+        self.check_epochs(run.epochs)
+
+
+@register_method("iterative")
+class IterativePruning(ScheduledPruning):
+    """n magnitude prunes from a dense model, k epochs apart, to exact per-prune densities (see module)."""
+
+    Config = IterativeConfig
+    config: IterativeConfig
+
+    def __init__(self, config: MethodConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                 context: MethodContext) -> None:
+        super().__init__(config, model, optimizer, context)
+        self.config.check_epochs(context.epochs)
+        spe = max(1, context.steps_per_epoch)
+        cfg = self.config
+        self.times = [(cfg.start_epoch + j * cfg.every_epochs) * spe for j in range(cfg.prunes)]
+        self.prunes_done = 0
+        self.last_fraction = 0.0     # realised share of the kept weights that the latest prune removed
+
+    def keeps_values(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------ schedule
+    def prune_times(self) -> list[int]:
+        """Steps done (t) at each prune, in order."""
+        return list(self.times)
+
+    def target_density(self, k: int) -> float:
+        """d_{k+1} for this config (k = -1: dense)."""
+        cfg = self.config
+        return density_after(k, cfg.prunes, cfg.final_sparsity, cfg.fraction)
+
+    # ------------------------------------------------------------ pruning
+    def prune_at(self, t: int) -> None:
+        if t not in self.times:
+            return
+        k = self.times.index(t)
+        cfg = self.config
+        last = k == cfg.prunes - 1
+        density = self.target_density(k)
+        assert self.masks is not None
+        before = sum(int(m.sum()) for _, m in self.masks.items())
+        with torch.no_grad():
+            new = self.select(density)
+        self.apply_masks(new, cfg.final_sparsity if last else 1.0 - density)
+        after = sum(int(m.sum()) for _, m in self.masks.items())
+        self.prunes_done = k + 1
+        self.last_fraction = 1.0 - after / before if before else 0.0
+        if last:
+            self.check_exact(*self.weight_counts(cfg.final_sparsity, cfg.scope))
+        event = {"iterative/prune": float(k + 1), "iterative/target_density": density,
+                 "iterative/density": after / sum(m.numel() for _, m in self.masks.items()),
+                 "iterative/fraction": self.last_fraction,
+                 "iterative/fraction_target": per_prune_fraction(k, cfg.prunes, cfg.final_sparsity, cfg.fraction)}
+        event.update({f"iterative/layer_density/{name}": int(m.sum()) / m.numel() for name, m in self.masks.items()})
+        self.record(t, event)
+
+    def select(self, density: float) -> dict[str, torch.Tensor]:
+        """Keep the largest |W| among kept weights: round(density * size) per layer or in all; never regrow."""
+        assert self.masks is not None
+        scores = self.magnitude_scores(carry=True)
+        if self.config.scope == "global":
+            total = sum(s.numel() for s in scores.values())
+            kept = sum(int(m.sum()) for _, m in self.masks.items())
+            return global_top_k(scores, min(keep_count(density, total), kept))
+        return {name: keep_top_k(score, min(keep_count(density, score.numel()), int(self.masks[name].sum())))
+                for name, score in scores.items()}
+
+    # ------------------------------------------------------------ reporting
+    def layer_targets(self) -> dict[str, float] | None:
+        if self.config.scope == "global":
+            return None
+        density = self.target_density(self.prunes_done - 1)
+        return {name: density for name in self.params}
+
+    def metrics(self) -> dict[str, float]:
+        out = super().metrics()
+        out.update({"iterative/prunes_done": float(self.prunes_done),
+                    "iterative/target_density": self.target_density(self.prunes_done - 1),
+                    "iterative/last_fraction": self.last_fraction})
+        return out
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["prunes_done"] = self.prunes_done
+        state["last_fraction"] = self.last_fraction
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.prunes_done = int(state.get("prunes_done", 0))
+        self.last_fraction = float(state.get("last_fraction", 0.0))
+        if not 0 <= self.prunes_done <= self.config.prunes:
+            raise ValueError(f"the saved state has {self.prunes_done} prunes done, more than sparsity.prunes="
+                             f"{self.config.prunes}; resume with the config the run started with")
