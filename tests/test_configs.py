@@ -59,3 +59,32 @@ def test_imagenet_recipes() -> None:
         else:
             assert (cfg.optim.name, cfg.lr_schedule.name, cfg.data.augment) == ("adamw", "cosine", "autoaugment")
             assert cfg.lr_schedule.warmup_epochs > 0 and cfg.train.label_smoothing == 0.1
+
+
+def test_dsr_recipes() -> None:
+    """The DSR paper's set-ups: WRN-28-2 on CIFAR-10 for every method, ResNet-50 on ImageNet at 80/90%, MNIST MLP."""
+    recipes = {p.stem: load_config(str(p)) for p in CONFIGS if p.parent.name == "dsr"}
+    wrn = {name: cfg for name, cfg in recipes.items() if name.startswith("wrn28_2_")}
+    assert {n.removeprefix("wrn28_2_") for n in wrn} >= {"dsr", "set", "deep_r", "static", "iterative"}
+    for name, cfg in wrn.items():
+        assert cfg.model.name == "wrn28_2" and cfg.data.name == "cifar10" and cfg.data.batch_size == 100
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (
+            "sgd", 0.1, 0.9, True, 5e-4)
+        assert (cfg.lr_schedule.name, cfg.lr_schedule.milestones, cfg.lr_schedule.gamma, cfg.train.epochs) == (
+            "step", [60, 120, 160], 0.2, 200)
+        assert cfg.sparsity.targets.exclude_roles == ["stem", "shortcut", "classifier"], name
+        if hasattr(cfg.sparsity, "density"):
+            assert cfg.sparsity.density == 0.1, name
+        else:
+            assert cfg.sparsity.final_sparsity == 0.9, name
+    for name in ("dsr", "set"):
+        sparsity = wrn[f"wrn28_2_{name}"].sparsity
+        assert (sparsity.period_epochs, sparsity.periods) == ([0, 25, 80, 140], [100, 200, 400, 800])
+    assert wrn["wrn28_2_dsr"].sparsity.target_pruned == 20000 and wrn["wrn28_2_set"].sparsity.drop_fraction == 0.138
+    for pct, density in ((80, 0.2), (90, 0.1)):
+        cfg = recipes[f"resnet50_dsr_s{pct}"]
+        assert (cfg.model.name, cfg.data.name, cfg.data.batch_size * 8, cfg.train.epochs) == (
+            "resnet50", "imagenet", 256, 100)
+        assert (cfg.sparsity.method, cfg.sparsity.density, cfg.sparsity.target_pruned) == ("dsr", density, 400000)
+        assert cfg.sparsity.targets.exclude_roles == ["stem", "shortcut"]       # the FC is sparse in ResNet-50
+    assert recipes["mlp_mnist_dsr"].model.name == "lenet_300_100" and recipes["mlp_mnist_dsr"].data.name == "mnist"
