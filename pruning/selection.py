@@ -1,6 +1,7 @@
 """Turning scores into masks: exact counts, deterministic ties, global or per-layer budgets.
 
-Thresholds come from ``torch.kthvalue`` (``torch.quantile`` refuses tensors over ~16M elements). Ties at the
+Thresholds come from ``torch.kthvalue`` or a partial ``torch.topk`` (``torch.quantile`` refuses tensors over ~16M
+elements). Ties at the
 threshold are broken by flat index (lowest first) so every rank and every run keeps exactly the same weights.
 """
 
@@ -27,14 +28,25 @@ def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k == n:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = torch.kthvalue(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat,
-                               n - k + 1).values.to(flat.dtype)
+    threshold = kth_largest(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat,
+                            k).to(flat.dtype)
     keep = flat > threshold
     missing = k - int(keep.sum())
     if missing > 0:
         ties = (flat == threshold).nonzero().reshape(-1)[:missing]
         keep[ties] = True
     return keep.reshape(scores.shape)
+
+
+def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of a 1-D tensor: a partial ``topk`` when k (or n - k) is small, else ``kthvalue``
+    (the same value either way; topk is about 3x faster on the CPU for a few grown weights out of 100k)."""
+    n = flat.numel()
+    if 32 * k <= n:
+        return torch.topk(flat, k, sorted=False).values.min()
+    if 32 * (n - k + 1) <= n:
+        return torch.topk(flat, n - k + 1, largest=False, sorted=False).values.max()
+    return torch.kthvalue(flat, n - k + 1).values
 
 
 def apportion(total: int, shares: Sequence[float], caps: Sequence[int]) -> list[int]:

@@ -12,7 +12,7 @@ from pruning.agreement import mask_checksums, seeded_generator
 from pruning.masks import MaskSet, parameter_counts
 from pruning.methods import MethodContext, build_method
 from pruning.methods.at_init import AtInitConfig, iteration_density
-from pruning.selection import apportion, global_top_k, keep_top_k, layer_counts, layer_densities
+from pruning.selection import apportion, global_top_k, keep_top_k, kth_largest, layer_counts, layer_densities
 from pruning.targets import TargetConfig, prunable_parameters
 
 
@@ -22,6 +22,17 @@ def test_keep_top_k_exact_with_ties_broken_by_index() -> None:
     assert keep_top_k(scores, 0).sum() == 0 and keep_top_k(scores, 6).all()
     with pytest.raises(ValueError, match="NaN"):
         keep_top_k(torch.tensor([1.0, float("nan")]), 1)
+
+
+def test_kth_largest_agrees_with_kthvalue_on_every_path() -> None:
+    # small k and small n - k take partial topk, the middle kthvalue; ties and -inf included
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 50, (640,), generator=gen).float()
+    values[::7] = -math.inf
+    for k in (1, 2, 19, 20, 21, 100, 320, 600, 619, 620, 621, 639, 640):
+        assert kth_largest(values, k) == torch.kthvalue(values, 640 - k + 1).values, k
+        mask = keep_top_k(values, k)
+        assert int(mask.sum()) == k and bool((values[mask].min() >= values[~mask].max()) if k < 640 else True)
 
 
 def test_global_top_k_uses_one_threshold_across_layers() -> None:
