@@ -5,6 +5,7 @@ from pruning.methods import grasp, snip, structured_snip, synflow  # noqa: F401 
 from pruning.methods import dst  # noqa: F401  (dynamic sparse training: set, rigl, dsr)
 from pruning.methods import deep_r  # noqa: F401  (deep_r, soft_deep_r)
 from pruning.methods import iterative  # noqa: F401  (iterative pruning from a dense model)
+from pruning.methods import hashed  # noqa: F401  (hashednet: tied weights)
 from pruning.methods.base import (MethodConfig, MethodContext, RunFacts, SparsityMethod, build_method, list_methods,
                                   method_class, register_method)
 

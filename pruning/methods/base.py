@@ -81,9 +81,13 @@ class SparsityMethod:
         self.model = model
         self.optimizer = optimizer
         self.context = context
-        self.params = prunable_parameters(model, config.targets)
+        self.params = self.target_parameters(model)
         self.masks: MaskSet | None = None
         self._events: list[tuple[int, dict[str, float]]] = []
+
+    def target_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters this method acts on, by name: the prunable weights (a reparameterisation returns its own)."""
+        return prunable_parameters(model, self.config.targets)
 
     # ------------------------------------------------------------ loop points
     @classmethod
