@@ -31,7 +31,7 @@ from engine.optim import OptimConfig, build_optimizer
 from engine.parallel import Backend, DistEnv
 from pruning.methods import MethodConfig, MethodContext, build_method, method_class
 
-METHODS = "static,set,rigl,dsr,deep_r,soft_deep_r"
+METHODS = "static,set,rigl,dsr,deep_r,soft_deep_r,hashednet"
 EXCLUDE = ["stem", "shortcut", "classifier"]     # the DSR paper's dense layers, for every method alike
 
 
