@@ -387,3 +387,24 @@ def test_rigl_grows_where_ddp_grows_under_zero2(probes: dict[str, Path]) -> None
     assert ddp["metrics"]["dst/updates"] == zero["metrics"]["dst/updates"] == 1
     for key, mask in ddp["masks"].items():
         assert torch.equal(mask, zero["masks"][key]), key
+
+
+def test_every_update_is_logged_to_tensorboard_at_its_step(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = [*DIGITS, *DSR_DIGITS, "sparsity.method=dsr", "train.epochs=2", "monitor.tensorboard=true",
+                 f"output_dir={tmp_path}", "name=dsr"]
+    summary = train(load_config(None, overrides))
+    events = EventAccumulator(str(tmp_path / "dsr" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    layers = [n for n in summary["layers"]]
+    for tag in ["method/dsr/threshold", "method/dsr/pruned", *(f"method/dst/{kind}/{layer}" for layer in layers
+                for kind in ("dropped", "grown", "density")), *(f"method/dsr/reallocated/{n}" for n in layers)]:
+        assert tag in tags, tag
+    steps = {e.step for e in events.Scalars("method/dsr/threshold")}
+    updates = set(range(10, summary["steps"] + 1, 10))         # period 10: an event at t = 10, 20, ...
+    epoch_ends = set(range(0, summary["steps"] + 1, summary["steps"] // 2))   # metrics() at every epoch log
+    assert updates <= steps and steps - updates <= epoch_ends, sorted(steps)
+    densities = [e.value for e in events.Scalars(f"method/dst/density/{layers[0]}")]
+    assert all(0.0 < d < 1.0 for d in densities)
