@@ -167,3 +167,30 @@ def test_one_process_without_a_launcher(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["steps"] == 4
     assert all(layer["nonzero"] <= layer["kept"] for layer in summary["layers"].values())
+
+
+def test_two_nodes_through_the_deepspeed_launcher_and_a_hostfile(tmp_path: Path) -> None:
+    """Multi-node the DeepSpeed way, on loopback: a hostfile of two one-slot "nodes", one `deepspeed` launcher per node
+    (--no_ssh --node_rank, as on clusters without passwordless ssh), RigL under ZeRO 2 across both."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+         f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", "--no_local_rank", "--module",
+         "launcher", "train", f"output_dir={tmp_path}", "name=nodes", "model.name=mlp", "model.options.hidden=[32]",
+         "train.epochs=2", "sparsity.method=rigl", "sparsity.density=0.2", "sparsity.period=5",
+         "monitor.progress=false", "monitor.tensorboard=false", "parallel.backend=deepspeed",
+         "parallel.zero_stage=2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for rank in (0, 1)]
+    logs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    summary = json.loads((tmp_path / "nodes" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] > 0
+    assert all(layer["nonzero"] <= layer["kept"] for layer in summary["layers"].values())
