@@ -205,3 +205,15 @@ def test_resume_is_exact(name: str, tmp_path: Path) -> None:
     for key, mask in straight["method"]["masks"].items():
         assert torch.equal(mask, again["method"]["masks"][key]), key
         assert torch.equal(straight["model"][key], again["model"][key]), key
+
+
+def test_no_rewiring_from_stop_epoch_on() -> None:
+    # steps_per_epoch 100, stop_epoch 1: step 99 (the last of epoch 0) rewires, step 100 does not
+    layer, _, method = deep_r(INIT, [True, True, True, False, False, False], temperature=0.0, l1=0.0, stop_epoch=1)
+    with torch.no_grad():
+        layer.weight[0, 0] = -0.5
+    before = method.masks["weight"].clone()
+    method.after_step(100)
+    assert torch.equal(method.masks["weight"], before) and layer.weight[0, 0].item() == -0.5
+    method.after_step(99)
+    assert not bool(method.masks["weight"][0, 0])

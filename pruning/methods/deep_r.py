@@ -38,7 +38,7 @@ import torch
 from pruning.agreement import seeded_generator
 from pruning.masks import MaskSet
 from pruning.methods.base import MethodConfig, MethodContext, SparsityMethod, register_method
-from pruning.methods.dst import random_masks, seeded_uniform
+from pruning.methods.dst import random_masks, seeded_uniform, stop_step
 from pruning.selection import keep_top_k, layer_densities
 
 
@@ -86,9 +86,7 @@ class DeepR(SparsityMethod):
     def __init__(self, config: MethodConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                  context: MethodContext) -> None:
         super().__init__(config, model, optimizer, context)
-        self.steps_per_epoch = max(1, context.steps_per_epoch)
-        stop = self.config.stop_epoch if self.config.stop_epoch is not None else context.epochs
-        self.stop_step = stop * self.steps_per_epoch
+        self.stop_step = stop_step(self.config.stop_epoch, context)
         self.signs: dict[str, torch.Tensor] = {}
         self.died = {name: 0 for name in self.params}      # since the last logged event
         self.grown = {name: 0 for name in self.params}

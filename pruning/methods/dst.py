@@ -74,6 +74,11 @@ def random_masks(params: dict[str, torch.nn.Parameter], density: float, distribu
     return {name: keep_top_k(seeded_uniform(p, seed, 0, f"init/{name}"), counts[name]) for name, p in params.items()}
 
 
+def stop_step(stop_epoch: int | None, context: MethodContext) -> int:
+    """The first step with no mask update: the start of ``stop_epoch``, or the end of the run when it is null."""
+    return (stop_epoch if stop_epoch is not None else context.epochs) * max(1, context.steps_per_epoch)
+
+
 class DynamicSparse(SparsityMethod, abc.ABC):
     """Random sparse start, then periodic drop-and-grow through the MaskSet; subclasses say what changes."""
 
@@ -84,8 +89,7 @@ class DynamicSparse(SparsityMethod, abc.ABC):
                  context: MethodContext) -> None:
         super().__init__(config, model, optimizer, context)
         self.steps_per_epoch = max(1, context.steps_per_epoch)
-        stop = self.config.stop_epoch if self.config.stop_epoch is not None else context.epochs
-        self.stop_step = stop * self.steps_per_epoch          # T_end: the first step with no update
+        self.stop_step = stop_step(self.config.stop_epoch, context)    # T_end: the first step with no update
         self.updates = 0
         self.last_changes: dict[str, MaskChange] = {}
         self.last_step = -1
