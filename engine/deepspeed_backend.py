@@ -150,8 +150,7 @@ class ZeroAccess(ParamAccess):
             if part is not None:
                 part.of_full(view).copy_(_local_grad(params[name], part))
         dist.all_reduce(buffer)
-        return {name: view.reshape(params[name].shape).to(params[name].dtype)
-                for name, view in zip(names, buffer.split(sizes))}
+        return {name: view.reshape(params[name].shape) for name, view in zip(names, buffer.split(sizes))}   # fp32
 
     def _local_factor(self, name: str, factor: torch.Tensor, part: _Slice, dtype: torch.dtype) -> torch.Tensor:
         """This rank's slice of the mask factor, cut once per mask change and kept in the gradient's dtype."""

@@ -69,6 +69,8 @@ def main(out_dir: str, backend_name: str) -> None:
     try:
         for name, overrides in METHODS.items():
             run(out_dir, name, [*overrides, *extra])
+        if backend_name == "zero2":      # RigL's dense-gradient gather under ZeRO 1 too (one update, cheap)
+            run(out_dir, "rigl_one_zero1", [*METHODS["rigl_one"], *extra, "parallel.zero_stage=1"])
         run(out_dir, "broken", ["sparsity.method=set_rank_local", "sparsity.period=3", *extra])
         gc.collect()    # free the runs' DDP wrappers while the process group they hold is still alive
         backend = build_backend(load_config(None, []).parallel, env, torch.device("cpu"), "fp32")

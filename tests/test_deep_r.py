@@ -217,3 +217,11 @@ def test_no_rewiring_from_stop_epoch_on() -> None:
     assert torch.equal(method.masks["weight"], before) and layer.weight[0, 0].item() == -0.5
     method.after_step(99)
     assert not bool(method.masks["weight"][0, 0])
+
+
+def test_deepspeed_with_half_precision_is_refused_before_any_worker() -> None:
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="^sparsity.method deep_r moves weights by about 1e-6 per step, below bf16"):
+        load_config(None, ["sparsity.method=deep_r", "parallel.backend=deepspeed", "parallel.zero_stage=2",
+                           "train.precision=bf16"])

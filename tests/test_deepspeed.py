@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -181,15 +182,22 @@ def test_two_nodes_through_the_deepspeed_launcher_and_a_hostfile(tmp_path: Path)
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    launchers = [subprocess.Popen(
-        [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-         f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", "--no_local_rank", "--module",
-         "launcher", "train", f"output_dir={tmp_path}", "name=nodes", "model.name=mlp", "model.options.hidden=[32]",
-         "train.epochs=2", "sparsity.method=rigl", "sparsity.density=0.2", "sparsity.period=5",
-         "monitor.progress=false", "monitor.tensorboard=false", "parallel.backend=deepspeed",
-         "parallel.zero_stage=2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for rank in (0, 1)]
-    logs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    launchers: list[subprocess.Popen] = []
+    try:
+        launchers += [subprocess.Popen(
+            [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+             f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", "--no_local_rank", "--module",
+             "launcher", "train", f"output_dir={tmp_path}", "name=nodes", "model.name=mlp", "model.options.hidden=[32]",
+             "train.epochs=2", "sparsity.method=rigl", "sparsity.density=0.2", "sparsity.period=5",
+             "monitor.progress=false", "monitor.tensorboard=false", "parallel.backend=deepspeed",
+             "parallel.zero_stage=2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            start_new_session=True)
+            for rank in (0, 1)]
+        logs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    finally:
+        for launcher in launchers:      # a node that died leaves the other waiting at the rendezvous
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
     assert [launcher.returncode for launcher in launchers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     summary = json.loads((tmp_path / "nodes" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] > 0

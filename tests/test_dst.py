@@ -21,7 +21,7 @@ from engine.trainer import train
 from pruning.agreement import seeded_generator
 from pruning.methods import MethodContext, build_method
 from pruning.methods.dst import DSRConfig, RigLConfig, SETConfig, dsr_shares
-from pruning.selection import keep_top_k
+from pruning.selection import keep_top_k, layer_densities
 from pruning.targets import TargetConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,6 +262,21 @@ def test_dsr_kernel_granularity_invariants() -> None:
     assert method.updates == 20 and moved > 0 and any(p.dim() == 4 for p in method.params.values())
 
 
+def test_dsr_kernel_granularity_starts_each_layer_at_its_erk_density() -> None:
+    model = models.build_model("conv", in_channels=1, image_size=8, num_classes=4)
+    cfg = DSRConfig(method="dsr", density=0.1, distribution="erk", granularity="kernel", targets=TargetConfig())
+    method = build_method(cfg, model, None, MethodContext(seed=2, steps_per_epoch=10))
+    method.setup()
+    wanted = layer_densities({n: p.shape for n, p in method.params.items()}, 0.1, "erk")
+    for name in method.params:
+        units = method.units(name)[0]
+        assert abs(float(method.unit_mask(name).float().mean()) - wanted[name]) <= 1.0 / units, name
+    assert abs(method.masks.density() - 0.1) < 0.01
+    weight_masks = {n: keep_top_k(torch.rand(p.shape), p.numel() // 2) for n, p in method.params.items()}
+    with pytest.raises(ValueError, match="not made of whole kernel slices"):
+        method.load_state_dict({"masks": weight_masks, "threshold": 1e-3})
+
+
 # ------------------------------------------------------------------ invariants over many updates
 def dst_config(name: str) -> object:
     common = dict(density=0.2, distribution="erk", period=3, targets=TargetConfig())
@@ -381,9 +396,10 @@ def test_two_ranks_agree_and_a_rank_local_choice_is_caught(backend: str, probes:
         assert message.startswith("masks differ across ranks at layer features.0.weight"), message
 
 
-def test_rigl_grows_where_ddp_grows_under_zero2(probes: dict[str, Path]) -> None:
-    # One RigL update after 3 steps: ZeRO 2's gathered dense gradient must pick the positions DDP's param.grad picks.
-    ddp, zero = probe_result(probes["ddp"], "rigl_one")[0], probe_result(probes["zero2"], "rigl_one")[0]
+@pytest.mark.parametrize("run", ["rigl_one", "rigl_one_zero1"])
+def test_rigl_grows_where_ddp_grows_under_zero(run: str, probes: dict[str, Path]) -> None:
+    # One RigL update after 3 steps: ZeRO's gathered dense gradient must pick the positions DDP's param.grad picks.
+    ddp, zero = probe_result(probes["ddp"], "rigl_one")[0], probe_result(probes["zero2"], run)[0]
     assert ddp["metrics"]["dst/updates"] == zero["metrics"]["dst/updates"] == 1
     for key, mask in ddp["masks"].items():
         assert torch.equal(mask, zero["masks"][key]), key

@@ -328,7 +328,8 @@ summary = trainer.fit()
 synced = getattr(trainer.module, "named_module_buffers", None)      # DDP's buffers broadcast before each forward
 torch.save(trainer.model.state_dict(), f"{out}/rank{env.rank}.pt")
 with open(f"{out}/rank{env.rank}.json", "w") as handle:
-    json.dump({"synced": None if synced is None else sorted(synced), "steps": summary["steps"]}, handle)
+    json.dump({"synced": None if synced is None else sorted(synced), "steps": summary["steps"],
+               "checksum": trainer.method.checksum}, handle)
 backend.barrier()
 backend.shutdown()
 '''
@@ -348,6 +349,7 @@ def test_two_ddp_ranks_build_and_train_the_same_tied_model(tmp_path: Path) -> No
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     facts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert facts[0]["steps"] == 12 and facts[0]["synced"] in (None, [])
+    assert facts[0]["checksum"] == facts[1]["checksum"]      # each rank built the same assignments on its own
     assert states[0].keys() == states[1].keys()
     for key, tensor in states[0].items():
         assert torch.equal(tensor, states[1][key]), f"{key} differs across ranks"

@@ -13,8 +13,9 @@ dies.
 * **Deep R** keeps each layer's number of active connections fixed: as many as died are regrown at random dormant
   positions (the just-dead included, as in the paper's algorithm), with theta = ``grow_magnitude``, i.e. weight
   s * grow_magnitude and fresh optimizer state. A regrown connection is therefore alive and keeps its sign into the
-  next step, where its gradient decides; the DSR reference code sets it to zero, which kills it at the next check (a
-  bug, not reproduced).
+  next step, where its gradient, the noise and the prior decide (with no help from the gradient, a connection at
+  1e-12 dies about half the time, as in Bellec's code); the DSR reference code sets it to zero, which kills it at
+  the next check whatever the gradient says (a bug, not reproduced).
 * **Soft Deep R** keeps theta for every connection: dormant ones do a random walk (noise only, no gradient and no
   prior) clamped below at theta_min = -T max_s / (l1 (1 - max_s)) with max_s = 1 - density, and come back when theta
   crosses zero, with weight s * theta. The number of active connections is free; a layer about to lose its last one
@@ -24,7 +25,8 @@ dies.
 
 The noise and prior are applied to the weights directly (as Bellec's code does), not through the optimizer, so
 momentum never carries them; written through ``MaskSet.set_values_`` they reach DeepSpeed's fp32 masters too. The
-death test reads the module's weights, which under fp16 lose magnitudes below about 6e-8: use fp32 or bf16.
+update is far below bf16 and fp16 resolution, so under DeepSpeed (whose module weights are then half precision and
+are written back over the fp32 masters) only fp32 is accepted; DDP with autocast keeps fp32 weights and is fine.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 
 from pruning.agreement import seeded_generator
 from pruning.masks import MaskSet
-from pruning.methods.base import MethodConfig, MethodContext, SparsityMethod, register_method
+from pruning.methods.base import MethodConfig, MethodContext, RunFacts, SparsityMethod, register_method
 from pruning.methods.dst import random_masks, seeded_uniform, stop_step
 from pruning.selection import keep_top_k, layer_densities
 
@@ -75,6 +77,13 @@ class DeepRConfig(MethodConfig):
         if self.log_every < 1:
             raise ValueError(f"log_every must be at least 1 step, got {self.log_every}")
 
+    def check_run(self, run: RunFacts) -> None:
+        if run.backend == "deepspeed" and run.precision != "fp32":
+            raise ValueError(f"sparsity.method {self.method} moves weights by about 1e-6 per step, below "
+                             f"{run.precision}'s resolution: under DeepSpeed it would write rounded values over the "
+                             "fp32 master weights; use train.precision=fp32 with DeepSpeed, or parallel.backend=ddp "
+                             "(autocast keeps fp32 weights)")
+
 
 @register_method("deep_r")
 class DeepR(SparsityMethod):
@@ -93,6 +102,10 @@ class DeepR(SparsityMethod):
         self.total_died = 0
         # the param group of each layer, found now: DeepSpeed later swaps the groups' tensors for its partitions
         where = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]} if optimizer else {}
+        missing = [name for name, p in self.params.items() if optimizer is not None and id(p) not in where]
+        if missing:
+            raise ValueError(f"{self.name}: {missing[0]} is not trained by the optimizer, so it has no learning rate "
+                             "for the Deep R update; exclude it with sparsity.targets.exclude")
         self.group_index = {name: where[id(p)] for name, p in self.params.items() if id(p) in where}
 
     # ------------------------------------------------------------ set-up

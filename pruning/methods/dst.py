@@ -387,16 +387,16 @@ class DSR(DynamicSparse):
         return sum(int(self.unit_mask(name).sum()) for name in self.params)
 
     def setup(self) -> None:
-        """Weight granularity: as every DST method. Kernel: random whole slices, the distribution's densities
-        apportioned over slices so the total is exactly round(density * slices)."""
+        """Weight granularity: as every DST method. Kernel: random whole slices, each layer at the distribution's
+        density of its slices (apportioned by largest remainder; exactly round(density * slices) when uniform)."""
         if self.config.granularity == "weight":
             super().setup()
             return
         densities = layer_densities({n: p.shape for n, p in self.params.items()}, self.config.density,
                                     self.config.distribution)
         counts = [self.units(n)[0] for n in self.params]
-        kept = apportion(round(self.config.density * sum(counts)),
-                         [densities[n] * c for n, c in zip(self.params, counts)], counts)
+        shares = [densities[n] * c for n, c in zip(self.params, counts)]    # each layer at its own density
+        kept = apportion(round(sum(shares)), shares, counts)
         self.masks = MaskSet(self.params)
         self.masks.update({n: self.to_weights(n, keep_top_k(self.unit_random(0, "init", n), k))
                            for n, k in zip(self.params, kept)}, optimizer=self.optimizer)
@@ -459,5 +459,10 @@ class DSR(DynamicSparse):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        assert self.masks is not None
+        for name in self.params:
+            if not torch.equal(self.to_weights(name, self.unit_mask(name)), self.masks[name]):
+                raise ValueError(f"the checkpoint's mask of {name} is not made of whole kernel slices; resume with "
+                                 "the sparsity.granularity it was trained with")
         self.threshold = float(state.get("threshold", self.config.threshold_init))
         self.last_pruned = int(state.get("last_pruned", 0))
