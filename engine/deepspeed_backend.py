@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import deepspeed
@@ -139,18 +139,10 @@ class ZeroAccess(ParamAccess):
             torch._foreach_mul_(grads, multipliers)
 
     def dense_grads(self, params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-        """Whole reduced gradients from every rank's slices: one all-reduce of a buffer of the named parameters'
-        size (the slices are disjoint, so the sum is the concatenation). Update steps only, never the hot path."""
-        names = list(params)
-        sizes = [params[n].numel() for n in names]
+        """Whole reduced gradients (fp32) from every rank's slices, in one all-reduce. Update steps only, never the
+        hot path."""
         device = next(iter(params.values())).device if params else torch.device("cpu")
-        buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
-        for name, view in zip(names, buffer.split(sizes)):
-            part = _local_slice(params[name])
-            if part is not None:
-                part.of_full(view).copy_(_local_grad(params[name], part))
-        dist.all_reduce(buffer)
-        return {name: view.reshape(params[name].shape) for name, view in zip(names, buffer.split(sizes))}   # fp32
+        return dict(zip(params, _assemble(list(params.values()), _local_grad, device)))
 
     def _local_factor(self, name: str, factor: torch.Tensor, part: _Slice, dtype: torch.dtype) -> torch.Tensor:
         """This rank's slice of the mask factor, cut once per mask change and kept in the gradient's dtype."""
@@ -344,13 +336,8 @@ class DeepSpeedBackend(DDPBackend):
             if only is not None and g != only:
                 continue
             flat = source(g)
-            buffer = torch.zeros(sum(p.numel() for p in group), dtype=torch.float32, device=flat.device)
-            for view, param in zip(_split(buffer, group), group):
-                part = _local_slice(param)
-                if part is not None:
-                    part.of_full(view).copy_(part.of_flat(flat))
-            dist.all_reduce(buffer)
-            out.append([view.reshape(p.shape).cpu().clone() for view, p in zip(_split(buffer, group), group)])
+            full = _assemble(group, lambda _param, part, flat=flat: part.of_flat(flat), flat.device)
+            out.append([tensor.cpu().clone() for tensor in full])
         return out
 
     def _scatter(self, group: list[nn.Parameter], full: Mapping[int, torch.Tensor],
@@ -363,8 +350,15 @@ class DeepSpeedBackend(DDPBackend):
                 part.of_flat(flat).copy_(part.of_full(full[id(param)].to(device=flat.device, dtype=flat.dtype)))
 
 
-def _split(buffer: torch.Tensor, group: list[nn.Parameter]) -> Iterator[torch.Tensor]:
-    offset = 0
-    for param in group:
-        yield buffer.narrow(0, offset, param.numel())
-        offset += param.numel()
+def _assemble(params: list[nn.Parameter], local: Callable[[nn.Parameter, _Slice], torch.Tensor],
+              device: torch.device) -> list[torch.Tensor]:
+    """Whole fp32 tensors, one per parameter, from every rank's ``local(param, slice)`` values: one all-reduce of a
+    buffer of the parameters' size (the ranks' slices are disjoint, so the sum is their concatenation)."""
+    sizes = [p.numel() for p in params]
+    buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+    for view, param in zip(buffer.split(sizes), params):
+        part = _local_slice(param)
+        if part is not None:
+            part.of_full(view).copy_(local(param, part))
+    dist.all_reduce(buffer)
+    return [view.reshape(p.shape) for view, p in zip(buffer.split(sizes), params)]

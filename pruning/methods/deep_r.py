@@ -40,8 +40,8 @@ import torch
 from pruning.agreement import seeded_generator
 from pruning.masks import MaskSet
 from pruning.methods.base import MethodConfig, MethodContext, RunFacts, SparsityMethod, register_method
-from pruning.methods.dst import random_masks, seeded_uniform, stop_step
-from pruning.selection import keep_top_k, layer_densities
+from pruning.methods.dst import distribution_densities, random_masks, seeded_uniform, stop_step
+from pruning.selection import keep_top_k
 
 
 @dataclass
@@ -184,8 +184,7 @@ class DeepR(SparsityMethod):
         return out
 
     def layer_targets(self) -> dict[str, float] | None:
-        shapes = {name: p.shape for name, p in self.params.items()}
-        return layer_densities(shapes, self.config.density, self.config.distribution)
+        return distribution_densities(self.params, self.config.density, self.config.distribution)
 
     def metrics(self) -> dict[str, float]:
         return {"deepr/died_total": float(self.total_died)}

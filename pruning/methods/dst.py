@@ -67,6 +67,12 @@ def seeded_uniform(param: torch.Tensor, seed: int, step: int, purpose: str) -> t
     return torch.rand(param.shape, generator=seeded_generator(seed, step, purpose)).to(param.device)
 
 
+def distribution_densities(params: dict[str, torch.nn.Parameter], density: float,
+                           distribution: str) -> dict[str, float]:
+    """Each layer's density under the distribution (uniform, ER, ERK) at the global ``density``."""
+    return layer_densities({name: p.shape for name, p in params.items()}, density, distribution)
+
+
 def random_masks(params: dict[str, torch.nn.Parameter], density: float, distribution: str,
                  seed: int) -> dict[str, torch.Tensor]:
     """Random masks with the distribution's exact per-layer counts, the same on every rank."""
@@ -163,8 +169,7 @@ class DynamicSparse(SparsityMethod, abc.ABC):
 
     # ------------------------------------------------------------ reporting
     def layer_targets(self) -> dict[str, float] | None:
-        shapes = {name: p.shape for name, p in self.params.items()}
-        return layer_densities(shapes, self.config.density, self.config.distribution)
+        return distribution_densities(self.params, self.config.density, self.config.distribution)
 
     def metrics(self) -> dict[str, float]:
         """The latest update's churn (the trainer logs these at epoch ends, next to per-layer density)."""
@@ -392,8 +397,7 @@ class DSR(DynamicSparse):
         if self.config.granularity == "weight":
             super().setup()
             return
-        densities = layer_densities({n: p.shape for n, p in self.params.items()}, self.config.density,
-                                    self.config.distribution)
+        densities = distribution_densities(self.params, self.config.density, self.config.distribution)
         counts = [self.units(n)[0] for n in self.params]
         shares = [densities[n] * c for n, c in zip(self.params, counts)]    # each layer at its own density
         kept = apportion(round(sum(shares)), shares, counts)

@@ -27,8 +27,7 @@ from typing import Any, Literal
 import torch
 
 from pruning.methods.base import MethodConfig, MethodContext, RunFacts, register_method
-from pruning.methods.gradual import ScheduledPruning, keep_count
-from pruning.selection import global_top_k, keep_top_k
+from pruning.methods.gradual import ScheduledPruning
 
 FractionKind = Literal["exponential", "cubic"]
 FRACTION_KINDS = ("exponential", "cubic")
@@ -148,7 +147,7 @@ class IterativePruning(ScheduledPruning):
         assert self.masks is not None
         before = sum(int(m.sum()) for _, m in self.masks.items())
         with torch.no_grad():
-            new = self.select(density)
+            new = self.select_weights(1.0 - density, cfg.scope, carry=True)   # kept weights only: never regrow
         self.apply_masks(new, cfg.final_sparsity if last else 1.0 - density)
         after = sum(int(m.sum()) for _, m in self.masks.items())
         self.prunes_done = k + 1
@@ -161,17 +160,6 @@ class IterativePruning(ScheduledPruning):
                  "iterative/fraction_target": per_prune_fraction(k, cfg.prunes, cfg.final_sparsity, cfg.fraction)}
         event.update({f"iterative/layer_density/{name}": int(m.sum()) / m.numel() for name, m in self.masks.items()})
         self.record(t, event)
-
-    def select(self, density: float) -> dict[str, torch.Tensor]:
-        """Keep the largest |W| among kept weights: round(density * size) per layer or in all; never regrow."""
-        assert self.masks is not None
-        scores = self.magnitude_scores(carry=True)
-        if self.config.scope == "global":
-            total = sum(s.numel() for s in scores.values())
-            kept = sum(int(m.sum()) for _, m in self.masks.items())
-            return global_top_k(scores, min(keep_count(density, total), kept))
-        return {name: keep_top_k(score, min(keep_count(density, score.numel()), int(self.masks[name].sum())))
-                for name, score in scores.items()}
 
     # ------------------------------------------------------------ reporting
     def layer_targets(self) -> dict[str, float] | None:
