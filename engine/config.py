@@ -4,8 +4,9 @@ The rules, shared by every component:
 - A component owns a dataclass config with defaults for every field. Its ``__post_init__`` checks ranges and
   cross-field consistency and raises ``ValueError`` whose message starts with the field name and says the fix.
 - This module turns plain data (YAML plus ``a.b.c=value`` overrides) into those dataclasses. It rejects unknown keys
-  (listing the valid ones), coerces and checks types from the annotations, and prefixes every message with the dotted
-  key, so that a bad input fails in one line before any worker starts.
+  (listing the valid ones), coerces and checks types from the annotations by the rules data set and model options
+  share (``common.coerce``), and prefixes every message with the dotted key, so that a bad input fails in one line
+  before any worker starts.
 - A config class may define ``config_variant(data) -> type`` to pick a subclass from the data (sparsity methods do:
   ``method: magnitude`` selects the magnitude config).
 """
@@ -13,12 +14,13 @@ The rules, shared by every component:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from common import CoercionError, coerce, did_you_mean
 
 T = TypeVar("T")
 
@@ -29,12 +31,6 @@ class ConfigError(ValueError):
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-def did_you_mean(word: str, choices: Sequence[str]) -> str:
-    """A ' (did you mean 'x'?)' hint when a close match exists, else ''."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _describe(tp: Any) -> str:
@@ -67,63 +63,28 @@ def _describe(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp`` and convert where lossless (int -> float, '1e-3' -> float)."""
-    origin, args = get_origin(tp), get_args(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        return build(tp, {} if value is None else value, key)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        for option in options:
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key} must be {_describe(tp)}, got {value!r}")
-    if origin is Literal:
-        for choice in args:
-            if value == choice and type(value) is type(choice):
-                return value
-        raise ConfigError(f"{key} must be one of {', '.join(repr(a) for a in args)}, got {value!r}"
-                          f"{did_you_mean(value, args)}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin in (list, Sequence) or tp is list:
-        if isinstance(value, (list, tuple)):
-            inner = args[0] if args else Any
-            return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    elif origin is tuple or tp is tuple:
-        if isinstance(value, (list, tuple)):
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-            if args and len(value) != len(args):
-                raise ConfigError(f"{key} must be a list of {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args or [Any] * len(value))))
-    elif origin in (dict, Mapping) or tp is dict:
-        if isinstance(value, Mapping):
-            inner = args[1] if len(args) == 2 else Any
-            return {str(k): _coerce(v, inner, _join(key, str(k))) for k, v in value.items()}
-    else:
-        raise TypeError(f"config field {key} has an annotation the loader does not handle: {tp!r}")
-    raise ConfigError(f"{key} must be {_describe(tp)}, got {value!r}")
+    """Check ``value`` against annotation ``tp`` by the shared rules (common.coerce), nested sections by ``build``."""
+    try:
+        return coerce(value, tp, key, nested=_section)
+    except CoercionError as error:
+        raise ConfigError(_wrong_value(error)) from None
+
+
+def _section(value: Any, cls: type, key: str) -> Any:
+    """A nested config section: an absent (null) section takes its defaults."""
+    return build(cls, {} if value is None else value, key)
+
+
+def _wrong_value(error: CoercionError) -> str:
+    """The config's wording of a value that does not fit: '<key> must be <words>, got <value>'."""
+    key, tp, value = error.key, error.annotation, error.value
+    args = get_args(tp)
+    if get_origin(tp) is Literal:
+        return f"{key} must be one of {', '.join(repr(a) for a in args)}, got {value!r}{did_you_mean(value, args)}"
+    fixed = get_origin(tp) is tuple and args and not (len(args) == 2 and args[1] is Ellipsis)
+    if fixed and isinstance(value, (list, tuple)) and len(value) != len(args):
+        return f"{key} must be a list of {len(args)} values, got {len(value)}"
+    return f"{key} must be {_describe(tp)}, got {value!r}"
 
 
 def build(cls: type[T], data: Any, path: str = "") -> T:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import models
+from engine.data import data_shape
 from engine.run_config import load_config
-from engine.shapes import data_shape
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

@@ -1,5 +1,5 @@
-"""Tests of engine.data / engine.datasets: embedded and synthetic data, fake on-disk copies of the file-backed data
-sets in their real formats, config errors, validation split, and the distributed sharding contract."""
+"""Tests of engine.data (registry, sources, loaders): embedded and synthetic data, fake on-disk copies of the
+file-backed data sets in their real formats, config errors, validation split, and the distributed sharding contract."""
 
 import os
 import pickle
@@ -12,18 +12,21 @@ import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from engine import datasets
 from engine.data import (
     DataConfig,
+    DatasetParts,
+    DatasetSource,
+    DataSpec,
     EpochShuffleSampler,
     ShardSampler,
     build_loaders,
     check_data_available,
     list_datasets,
     register_dataset,
+    TensorImageDataset,
     stratified_split,
 )
-from engine.datasets import DatasetParts, DatasetSource, DataSpec, TensorImageDataset
+from engine.data import registry as datasets
 
 
 def _all_labels(loader: torch.utils.data.DataLoader) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Tar-shard streaming (engine/shards.py): tiny shards written with tarfile + PIL into memory:// and a tmp folder,
+"""Tar-shard streaming (engine/data/shards.py): tiny shards written with tarfile + PIL into memory:// and a tmp folder,
 read back through the real loaders for two ranks (and two workers each): disjoint, complete, seeded, sized."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from engine.data import DataConfig, build_loaders, check_data_available
-from engine.shards import expand_shards, iter_tar_samples
+from engine.data.shards import expand_shards, iter_tar_samples
 
 SHARDS, PER_SHARD = 8, 5
 

@@ -1,45 +1,24 @@
-"""Data: the typed config, samplers and loaders for one rank; data sets themselves live in `engine.datasets`.
+"""The data config and the loaders of one rank: availability checks, validation split, samplers and sharding.
 
 Distributed contract: training uses torch's DistributedSampler (shuffled, seeded, drop_last) so every rank takes the
-same number of steps; test and validation use `ShardSampler`, which deals indices rank::world_size without padding,
-so summing correct and total over ranks gives exact metrics. Nothing here imports other engine modules except
-`engine.datasets`, the registry this module was split from.
+same number of steps; test and validation use `ShardSampler` (no padding), so metrics summed over ranks are exact.
+Streamed sources split themselves across ranks and workers. Sources come from the registry by name; nothing here
+knows a data set by its name.
 """
+
+from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, Subset
 
-import engine.shards  # noqa: F401  (registers imagenet_shards)
-
-from engine.datasets import (
-    DatasetParts,
-    DatasetSource,
-    DataSpec,
-    get_source,
-    list_datasets,
-    parse_options,
-    register_dataset,
-)
-
-__all__ = [
-    "DataConfig",
-    "DataSpec",
-    "DeviceNormalize",
-    "Loaders",
-    "ShardSampler",
-    "EpochShuffleSampler",
-    "register_dataset",
-    "list_datasets",
-    "build_loaders",
-    "check_data_available",
-    "stratified_split",
-]
+from engine.data.registry import DatasetParts, DatasetSource, DataShape, DataSpec, get_source, parse_options
+from engine.data.samplers import EpochShuffleSampler, ShardSampler, stratified_split
+from engine.data.transforms import DeviceNormalize
 
 AugmentChoice = Literal["auto", "none", "standard", "autoaugment"]
 
@@ -75,12 +54,7 @@ class DataConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size must be a positive integer or null (native size), got {self.image_size}")
-        choices = ("auto",) + source.augments
-        if self.augment not in ("auto", "none", "standard", "autoaugment"):
-            raise ValueError(f"augment must be one of auto, none, standard, autoaugment, got {self.augment!r}")
-        if self.augment not in choices:
-            supported = ", ".join(choices)
-            raise ValueError(f"augment {self.augment!r} is not supported by data set {self.name!r}; use {supported}")
+        self._check_augment(source)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.prefetch_factor is not None and self.prefetch_factor < 1:
@@ -93,6 +67,15 @@ class DataConfig:
                              "split by index); hold out shards and name them in options.val_shards instead")
         source.check(parse_options(self.name, self.options), self.image_size)
 
+    def _check_augment(self, source: type[DatasetSource]) -> None:
+        """A known augmentation first, then one this data set supports."""
+        if self.augment not in ("auto", "none", "standard", "autoaugment"):
+            raise ValueError(f"augment must be one of auto, none, standard, autoaugment, got {self.augment!r}")
+        choices = ("auto",) + source.augments
+        if self.augment not in choices:
+            supported = ", ".join(choices)
+            raise ValueError(f"augment {self.augment!r} is not supported by data set {self.name!r}; use {supported}")
+
     @property
     def resolved_augment(self) -> str:
         """'auto' resolved per data set: standard for natural images, none for digits, MNIST-likes and synthetic."""
@@ -102,19 +85,6 @@ class DataConfig:
     def resolved_eval_batch_size(self) -> int:
         """Evaluation batch size; defaults to the training one."""
         return self.eval_batch_size or self.batch_size
-
-
-class DeviceNormalize:
-    """uint8 images -> float32 (x / 255 - mean) / std on the device of the batch, as one subtract and one multiply."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.shift = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-        self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.shift.device != images.device:
-            self.shift, self.scale = self.shift.to(images.device), self.scale.to(images.device)
-        return (images.float() - self.shift).mul_(self.scale)
 
 
 @dataclass
@@ -129,56 +99,9 @@ class Loaders:
     device_normalize: DeviceNormalize | None = None  # set when batches are uint8: apply after moving to the device
 
 
-
-class ShardSampler(Sampler[int]):
-    """Indices rank, rank + world_size, ... in order, without padding: ranks are disjoint and cover every index once,
-    so metrics summed over ranks are exact (DistributedSampler pads by repeating samples)."""
-
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
-        self.size, self.rank, self.world_size = size, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.size, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.size, self.world_size))
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """Single-process shuffle whose order depends only on (seed, epoch), like DistributedSampler, so a run resumed
-    at epoch k sees the same order as one that never stopped (a RandomSampler's generator state would be lost)."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by the trainer at the start of every epoch; without it every epoch repeats the same order."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=gen).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
-def stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(keep, held_out) index arrays: round(fraction * n) random samples held out, shared among classes in
-    proportion to their size (largest remainders get the leftover samples, ties broken by the seeded generator)."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(targets))
-    shuffled = np.asarray(targets)[order]
-    classes, counts = np.unique(shuffled, return_counts=True)
-    quota = fraction * counts
-    take = np.floor(quota).astype(np.int64)
-    leftover = int(round(fraction * len(targets))) - int(take.sum())
-    by_remainder = np.lexsort((rng.random(len(classes)), -(quota - take)))
-    take[by_remainder[:leftover]] += 1
-    held = [order[shuffled == c][:k] for c, k in zip(classes, take)]
-    held_out = np.sort(np.concatenate(held)) if held else np.empty(0, dtype=np.int64)
-    keep = np.setdiff1d(np.arange(len(targets)), held_out)
-    return keep, held_out
+def data_shape(cfg: DataConfig) -> DataShape:
+    """Shape of ``cfg``'s samples after its resizing, without reading the data set: the source answers."""
+    return get_source(cfg.name).shape(parse_options(cfg.name, cfg.options), cfg.image_size)
 
 
 def _source(cfg: DataConfig) -> DatasetSource:
@@ -241,6 +164,11 @@ def _loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, drop_las
     )
 
 
+def _worker_seed(seed: int, rank: int) -> int:
+    """Distinct, reproducible worker seeds per rank."""
+    return (seed * 65537 + rank) % (2**63)
+
+
 def build_loaders(
     cfg: DataConfig,
     *,
@@ -263,7 +191,14 @@ def build_loaders(
     parts = source.build(cfg.image_size, cfg.resolved_augment)
     if isinstance(parts.train, IterableDataset):
         loaders = _stream_loaders(parts, cfg, seed=seed, rank=rank, world_size=world_size, device=device)
-        return dataclasses.replace(loaders, device_normalize=normalize)
+    else:
+        loaders = _map_loaders(parts, cfg, seed=seed, rank=rank, world_size=world_size, device=device)
+    return dataclasses.replace(loaders, device_normalize=normalize)
+
+
+def _map_loaders(parts: DatasetParts, cfg: DataConfig, *, seed: int, rank: int, world_size: int,
+                 device: torch.device) -> Loaders:
+    """Loaders over indexable data sets: optional validation split, a per-rank train sampler, exact eval shards."""
     train_set, val_set = _split_train(parts, cfg.val_fraction, seed)
     if len(train_set) < world_size:
         raise ValueError(f"world_size {world_size} exceeds the {len(train_set)} training samples of {cfg.name!r}")
@@ -276,7 +211,7 @@ def build_loaders(
         train_sampler = EpochShuffleSampler(len(train_set), seed)
     per_rank = len(train_sampler)
     drop_last = per_rank > 1 and per_rank % cfg.batch_size == 1
-    worker_seed = (seed * 65537 + rank) % (2**63)
+    worker_seed = _worker_seed(seed, rank)
     eval_bs = cfg.resolved_eval_batch_size
     val_loader = None
     if val_set is not None:
@@ -290,19 +225,18 @@ def build_loaders(
         val=val_loader,
         spec=spec,
         train_sampler=train_sampler,
-        device_normalize=normalize,
     )
 
 
 def _stream_loaders(parts: DatasetParts, cfg: DataConfig, *, seed: int, rank: int, world_size: int,
                     device: torch.device) -> Loaders:
-    """Loaders over streamed data sets (engine.shards): the data sets split themselves across ranks and workers, so
-    there is no sampler; train yields whole batches only (its length is fixed by the declared sample count)."""
+    """Loaders over streamed data sets (engine.data.shards): the data sets split themselves across ranks and
+    workers, so there is no sampler; train yields whole batches only (its length is fixed by the declared count)."""
     eval_bs = cfg.resolved_eval_batch_size
     parts.train.configure(seed=seed, rank=rank, world_size=world_size, batch_size=cfg.batch_size,
                           num_workers=cfg.num_workers)
     parts.test.configure(seed=seed, rank=rank, world_size=world_size, batch_size=eval_bs, num_workers=cfg.num_workers)
-    worker_seed = (seed * 65537 + rank) % (2**63)
+    worker_seed = _worker_seed(seed, rank)
     return Loaders(
         train=_loader(parts.train, cfg.batch_size, None, True, cfg, device, worker_seed),
         test=_loader(parts.test, eval_bs, None, False, cfg, device, worker_seed),

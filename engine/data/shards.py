@@ -15,6 +15,8 @@ once per epoch. Evaluation streams have no quota: every sample of every shard on
 unequal (metrics are summed over ranks, as for the map-style test sets).
 """
 
+from __future__ import annotations
+
 import io
 import itertools
 import os
@@ -30,14 +32,8 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from engine.datasets import (
-    IMAGENET_STATS,
-    DatasetParts,
-    DatasetSource,
-    DataSpec,
-    imagenet_transforms,
-    register_dataset,
-)
+from engine.data.registry import DatasetParts, DatasetSource, DataShape, DataSpec, register_dataset
+from engine.data.transforms import IMAGENET_STATS, imagenet_transforms
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -246,11 +242,16 @@ class ShardOptions:
 
 @register_dataset("imagenet_shards")
 class ImageNetShards(DatasetSource):
-    """ImageNet (or any image classification set) streamed from tar shards at fsspec URLs; see `engine.shards`."""
+    """ImageNet (or any image classification set) streamed from tar shards at fsspec URLs; see this module."""
 
     Options = ShardOptions
     streaming: ClassVar[bool] = True
     device_stats = IMAGENET_STATS
+
+    @classmethod
+    def shape(cls, options: Any, image_size: int | None) -> DataShape:
+        """RGB samples decoded at image_size (224 by default); the class count is an option."""
+        return DataShape(3, image_size or 224, options.num_classes)
 
     def _urls(self, key: str) -> list[str]:
         return resolve_shards(getattr(self.options, key), self.root)
