@@ -26,9 +26,9 @@ from torch import nn
 
 import models
 from benchmarks.timing import interleaved, median_seconds, ratio_stats
+from engine.backends import Backend, DistEnv
 from engine.config import build
 from engine.optim import OptimConfig, build_optimizer
-from engine.parallel import Backend, DistEnv
 from pruning.methods import MethodConfig, MethodContext, build_method, method_class
 
 METHODS = "static,set,rigl,dsr,deep_r,soft_deep_r,hashednet"

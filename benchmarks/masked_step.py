@@ -22,9 +22,9 @@ from torch.nn.utils import prune
 
 import models
 from benchmarks.timing import interleaved, median_seconds, ratio_stats
+from engine.backends import Backend, DistEnv
 from engine.config import parse_override as _parse
 from engine.optim import OptimConfig, build_optimizer
-from engine.parallel import Backend, DistEnv
 from pruning.methods import MethodContext, build_method
 from pruning.methods.at_init import AtInitConfig
 

@@ -72,7 +72,7 @@ def export_end_state(run_dir: Path) -> str:
         if latest is None:
             raise FileNotFoundError(f"{run_dir} finished without a checkpoint; the next level has nothing to prune")
         state = load_state(latest)
-        save_state(str(target), {"weights": state["model"], "masks": state["method"]["masks"],
+        save_state(str(target), {"weights": state["model"], "masks": state["masks"],
                                  "rewind": state["method"].get("rewind")})
     return str(target)
 

@@ -1,4 +1,4 @@
-"""The commands people run: ``train`` and ``report``.
+"""The commands people run: ``train`` and ``report`` here, ``prune`` and ``lottery`` in their own modules.
 
 ``python -m launcher train CONFIG [key=value ...]`` checks the whole config and the data before any worker starts,
 then trains in this process, or, with ``--nproc-per-node N``, starts N workers through torchrun. The same command
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -17,29 +16,9 @@ from collections.abc import Sequence
 import fsspec
 
 from engine.config import ConfigError, to_dict
-from engine.data import check_data_available
-from engine.run_config import RunConfig, load_config
+from launcher.common import check, fail, is_worker
 from launcher.lottery import add_lottery_command
 from launcher.prune import add_prune_command
-
-
-def _is_worker() -> bool:
-    """True inside a torchrun / deepspeed worker (the launcher must not start workers again)."""
-    return "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
-
-
-def _fail(kind: str, message: str) -> int:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{kind} error: {message}", file=sys.stderr)
-    return 2
-
-
-def check(config: str | None, overrides: Sequence[str]) -> RunConfig:
-    """Load and validate config and data; raises ConfigError / FileNotFoundError with one-line messages."""
-    cfg = load_config(config, overrides)
-    if not (cfg.data.download and _is_worker()):   # workers download rank-0-first in build_loaders instead
-        check_data_available(cfg.data)
-    return cfg
 
 
 def _spawn(args: argparse.Namespace) -> int:
@@ -51,18 +30,19 @@ def _spawn(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Entry point of ``python -m launcher train``: check everything, then train here or start workers."""
     try:
         cfg = check(args.config, args.overrides)
     except ConfigError as error:
-        return _fail("config", str(error))
+        return fail("config", str(error))
     except FileNotFoundError as error:
-        return _fail("data", str(error))
+        return fail("data", str(error))
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    if args.nproc_per_node > 1 and not _is_worker():
+    if args.nproc_per_node > 1 and not is_worker():
         return _spawn(args)
     from engine.trainer import train
 
@@ -79,12 +59,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         with fsspec.open(url, "r") as handle:
             summary = json.load(handle)
     except FileNotFoundError:
-        return _fail("report", f"{url} not found; pass a run directory of a finished run (it holds summary.json)")
+        return fail("report", f"{url} not found; pass a run directory of a finished run (it holds summary.json)")
     print(format_run_summary(summary, args.run_dir, f"{args.run_dir.rstrip('/')}/tensorboard"))
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
+    """The launcher's argument parser, one sub-command per command."""
     root = argparse.ArgumentParser(prog="python -m launcher", description="sparsetrain: train sparse networks")
     commands = root.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a model under a sparsity method")
@@ -102,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run the chosen command; returns the exit status."""
     root = parser()
     args, extra = root.parse_known_args(argv)
     # key=value overrides may come after options too (argparse stops collecting positionals at the first option)

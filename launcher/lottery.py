@@ -11,13 +11,13 @@ import argparse
 import sys
 
 from engine.config import ConfigError
+from launcher.common import check, fail, is_worker
 
 
 def cmd_lottery(args: argparse.Namespace) -> int:
-    from launcher.cli import _fail, _is_worker, check
-
-    if _is_worker():
-        return _fail("config", "the lottery command runs its levels in one process; start it without torchrun")
+    """Entry point of ``python -m launcher lottery``: every level in this process, one after another."""
+    if is_worker():
+        return fail("config", "the lottery command runs its levels in one process; start it without torchrun")
     try:
         cfg = check(args.config, args.overrides)
         from engine.lottery import check_lottery, format_lottery, lottery_parent, run_lottery
@@ -25,9 +25,9 @@ def cmd_lottery(args: argparse.Namespace) -> int:
         check_lottery(cfg)
         lottery_parent(cfg)
     except ConfigError as error:
-        return _fail("config", str(error))
+        return fail("config", str(error))
     except FileNotFoundError as error:
-        return _fail("data", str(error))
+        return fail("data", str(error))
     rows = run_lottery(cfg)
     print(format_lottery(rows), file=sys.stdout)
     return 0

@@ -2,14 +2,15 @@
 
     python -m launcher prune [CONFIG] [key=value ...] --methods synflow,magnitude,random --compressions 0:6:0.25
 
-Builds the model of the config (its model and data sections) once, then for every method and every compression
-(log10 of 1 / density) restores the initial weights, prunes at init and records per-layer kept counts. Data-free
-methods need only the data set's shape (``engine.shapes``), so they run where the data set is absent. Overrides
-``sparsity.KEY=VALUE`` (in the YAML or on the command line) apply to every chosen method that has KEY (e.g.
-``sparsity.iterations=10``, ``sparsity.targets.exclude_roles=[classifier]``). Writes a JSON report and prints tables:
-kept counts and densities per layer, global density, collapsed layers, and the critical compression per method (the
-largest tested compression up to which no prunable layer kept nothing). Under torchrun the data-dependent scores are
-combined over ranks; rank 0 writes the report.
+Builds the model of the config (its model and data sections) once, as training would (``engine.build``), then for
+every method and every compression (log10 of 1 / density) restores the initial weights, prunes at init and records
+per-layer kept counts. Data-free methods need only the data set's shape (``engine.data.data_shape``), so they run
+where the data set is absent. Overrides ``sparsity.KEY=VALUE`` (in the YAML or on the command line) apply to every
+chosen method that has KEY (e.g. ``sparsity.iterations=10``, ``sparsity.targets.exclude_roles=[classifier]``).
+Writes a JSON report and prints tables: kept counts and densities per layer, global density, collapsed layers, and
+the critical compression per method (the largest tested compression up to which no prunable layer kept nothing).
+Under torchrun the data-dependent scores are combined over ranks (the process group comes from ``engine.backends``);
+rank 0 writes the report.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,13 +27,13 @@ from typing import Any
 
 import fsspec
 import torch
-import torch.distributed as dist
 
-import models
+from engine.backends import Backend, DistEnv, ParallelConfig, build_backend, pick_device
+from engine.build import build_model
 from engine.config import ConfigError, apply_overrides, build, read_yaml
-from engine.data import build_loaders, check_data_available
+from engine.data import build_loaders, check_data_available, data_shape
 from engine.run_config import RunConfig
-from engine.shapes import data_shape
+from launcher.common import fail
 from pruning.methods import MethodConfig, MethodContext, build_method, list_methods, method_class
 from pruning.methods.at_init import PruneAtInit
 from pruning.methods.snip import DataScoredPruning
@@ -89,6 +89,7 @@ def check_methods(names: Sequence[str], shared: dict[str, Any]) -> None:
 
 
 def pruning_at_init_methods() -> list[str]:
+    """Registered methods that prune at initialisation (the only ones this command runs)."""
     return [n for n in list_methods() if issubclass(method_class(n), PruneAtInit)]
 
 
@@ -122,18 +123,21 @@ def prune_one(model: torch.nn.Module, initial: dict[str, torch.Tensor], name: st
 
 
 def run_prune(cfg: RunConfig, names: Sequence[str], compressions: Sequence[float], shared: dict[str, Any],
-              rank: int = 0, world_size: int = 1, log: Any = print,
+              env: DistEnv | None = None, device: torch.device | None = None, log: Callable[[str], Any] = print,
               prepare: Callable[[torch.nn.Module], None] | None = None) -> dict[str, Any]:
     """Prune at init for every method and compression; returns the report (plain data).
 
-    ``prepare`` may change the freshly built model once (e.g. another initialisation) before anything is pruned.
+    ``env`` is this process's place in the job (one process by default; under torchrun the process group must
+    exist, see ``pruning_backend``) and ``device`` defaults to the one training would use. ``prepare`` may change the
+    freshly built model once (e.g. another initialisation) before anything is pruned.
     """
     check_methods(names, shared)
+    env = env or DistEnv()
+    rank, world_size = env.rank, env.world_size
     shape = data_shape(cfg.data)
-    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = device or pick_device(cfg.train.device, env)
     torch.manual_seed(cfg.seed)
-    model = models.build_model(cfg.model.name, in_channels=shape.channels, image_size=shape.image_size,
-                               num_classes=shape.num_classes, **cfg.model.options).to(device)
+    model = build_model(cfg.model, shape, device)
     if prepare is not None:
         prepare(model)
     initial = copy.deepcopy(model.state_dict())
@@ -210,17 +214,25 @@ def _power(compression: float | None) -> str:
     return "none" if compression is None else f"10^{compression:g}"
 
 
-def _init_distributed() -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group when launched with several processes."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ.get("RANK", "0")), world_size
+def pruning_backend(cfg: RunConfig, env: DistEnv, device: torch.device) -> Backend:
+    """Communication only: a process group under torchrun (data-dependent scores are combined over ranks), nothing
+    in one process. The config's own backend choice is for training; pruning never wraps a model."""
+    parallel = ParallelConfig(dist_backend=cfg.parallel.dist_backend, timeout_minutes=cfg.parallel.timeout_minutes)
+    return build_backend(parallel, env, device, precision="fp32")
+
+
+def write_report(report: dict[str, Any], output: str) -> None:
+    """The report as JSON at a path or fsspec URL, creating its directory."""
+    fs, path = fsspec.core.url_to_fs(output)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fsspec.open(output, "w") as handle:
+        json.dump(report, handle, indent=2)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Entry point of ``python -m launcher prune``."""
-    rank = int(os.environ.get("RANK", "0"))
     try:
         cfg, shared = split_config(args.config, args.overrides)
         compressions = parse_compressions(args.compressions)
@@ -231,29 +243,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for name in names:
             method_config(name, 1.0, shared)   # bad values fail here, before any work
         data_shape(cfg.data)
+        env = DistEnv.from_environ()
+        device = pick_device(cfg.train.device, env)
+        backend = pruning_backend(cfg, env, device)
     except (ConfigError, ValueError) as error:
-        if rank == 0:
-            print(f"config error: {error}", file=sys.stderr)
-        return 2
-    rank, world_size = _init_distributed()
-    quiet = (lambda *_: None) if rank else (lambda line: print(line, file=sys.stderr))
+        return fail("config", str(error))
+    quiet = (lambda *_: None) if env.rank else (lambda line: print(line, file=sys.stderr))
     try:
-        report = run_prune(cfg, names, compressions, shared, rank, world_size, log=quiet)
+        report = run_prune(cfg, names, compressions, shared, env, device, log=quiet)
     except FileNotFoundError as error:
-        if rank == 0:
-            print(f"data error: {error} (data-free methods: synflow, magnitude, random)", file=sys.stderr)
-        return 2
+        return fail("data", f"{error} (data-free methods: synflow, magnitude, random)")
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if rank == 0:
+        backend.shutdown()
+    if env.is_main:
         output = args.output or f"{cfg.output_dir.rstrip('/')}/{cfg.name}-prune.json"
-        fs, path = fsspec.core.url_to_fs(output)
-        parent = path.rsplit("/", 1)[0] if "/" in path else ""
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
-        with fsspec.open(output, "w") as handle:
-            json.dump(report, handle, indent=2)
+        write_report(report, output)
         print(format_report(report))
         print(f"\nreport written to {output}")
     return 0

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.parallel import Backend, DistEnv, build_backend, pick_device
+from engine.backends import Backend, DistEnv, build_backend, pick_device
 from engine.run_config import load_config
 from engine.trainer import Trainer
 from pruning.agreement import seeded_generator

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import gc
 import sys
+from collections.abc import Mapping
 
 import torch
 
-from engine.parallel import DistEnv, build_backend, pick_device
+from engine.backends import DistEnv, build_backend, pick_device
 from engine.run_config import load_config
 from engine.trainer import Trainer
 from pruning.agreement import MaskDisagreementError
@@ -35,10 +36,10 @@ METHODS = {
 class RankLocalSET(SET):
     """A deliberately broken SET: rank 1 grows from an unseeded generator, so its masks drift from rank 0's."""
 
-    def grow_scores(self, step: int, name: str) -> torch.Tensor:
+    def grow_scores(self, step: int, name: str, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self.context.rank == 1:
             return torch.rand(self.params[name].shape, generator=torch.Generator().manual_seed(12345 + step))
-        return super().grow_scores(step, name)
+        return super().grow_scores(step, name, grads)
 
 
 BACKENDS = {"ddp": [], "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"]}

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from engine.parallel import DistEnv, build_backend, pick_device
+from engine.backends import DistEnv, build_backend, pick_device
 from engine.run_config import load_config
 from engine.trainer import Trainer
 

@@ -1,32 +1,37 @@
 """DeepSpeed backend: ZeRO stages 0-2, bf16 / fp16, DeepSpeed's own accumulation, clipping and loss scaling.
 
-Under ZeRO 1 and 2 the weights live twice: whole in the module (fp32, bf16 or fp16, on every rank) and as fp32 master
-partitions in the optimizer, each rank owning a slice; after every step the master slices are copied back into the
-module. A mask must therefore act on the master copy, or the next step brings pruned weights back. ``ZeroAccess`` is
-the MaskSet's way in (see ``pruning.masks.ParamAccess``): it writes the module copy and this rank's master slice,
-zeroes this rank's slice of the optimizer state, and masks this rank's slice of the reduced gradients, which DeepSpeed
-keeps in its own flat buffers between backward and ``engine.step()``. Everything on the hot path is local: no
-gathers, no communication.
+Masks reach the ZeRO master partitions through ``engine.backends.zero``. Checkpoints hold full tensors in torch's
+layout (gathered once per checkpoint), so a DeepSpeed checkpoint loads into the DDP or single-process backend and the
+other way round, at any world size.
 
-Checkpoints hold full tensors in torch's layout (gathered once per checkpoint), so a DeepSpeed checkpoint loads into
-the DDP or single-process backend and the other way round, at any world size.
+DeepSpeed is started inside a process that may outlive the run (a Ray Tune worker, a test): the backend remembers the
+environment variables it and DeepSpeed set (RANK, LOCAL_RANK, WORLD_SIZE, caches) and puts them back on ``shutdown``,
+and, like DDP, destroys only a process group it created.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.parallel import DDPBackend, DistEnv, ParallelConfig
-from pruning.masks import MaskSet, ParamAccess
+from engine.backends.base import DistEnv, EnvChanges
+from engine.backends.config import ParallelConfig
+from engine.backends.ddp import DDPBackend
+from engine.backends.zero import ZeroAccess, flat_partitions, gather_groups, scatter_group
 
+if TYPE_CHECKING:
+    from pruning.masks import MaskSet
+
+# Importing DeepSpeed sets variables too (PYTORCH_NVML_BASED_CUDA_CHECK); the first backend puts them back with its own.
+_IMPORT_CHANGES = EnvChanges()
+with _IMPORT_CHANGES.watch():
+    import deepspeed
 
 DEFAULT_BUCKET = 500_000_000   # DeepSpeed's own default bucket size (elements)
 
@@ -57,118 +62,77 @@ def deepspeed_config(cfg: ParallelConfig, precision: str, *, micro_batch_size: i
     return config
 
 
-class _Slice:
-    """This rank's part of one parameter: where it sits in the flattened parameter and in the master partition."""
+def _forget_stale_groups() -> None:
+    """Drop DeepSpeed's cached process groups when they belong to a world that no longer exists.
 
-    __slots__ = ("mapping", "lp_start", "hp_start", "numel", "group")
+    DeepSpeed keeps groups derived from the world (a clone of it, expert groups) in module globals. A world destroyed
+    with torch's ``destroy_process_group`` (by Ray Train, a test, the user) leaves them stale, and the next
+    ``deepspeed.initialize`` fails on them. ``deepspeed.comm.destroy_process_group`` would have dropped them; do what
+    it does. (Private DeepSpeed names, looked up defensively: a DeepSpeed without them has nothing to drop here.)
+    """
+    from deepspeed.utils import groups
 
-    def __init__(self, mapping: Any) -> None:
-        self.mapping = mapping
-        self.lp_start = mapping.lp_fragment_address.start
-        self.hp_start = mapping.hp_fragment_address.start
-        self.numel = mapping.lp_fragment_address.numel
-        self.group = mapping.param_group_index
-
-    def of_full(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's elements of a parameter-shaped tensor, flattened in logical order."""
-        return tensor.reshape(-1).narrow(0, self.lp_start, self.numel)
-
-    def of_flat(self, flat: torch.Tensor) -> torch.Tensor:
-        """This rank's elements inside a master-partition-shaped tensor (weights or optimizer state)."""
-        return flat.narrow(0, self.hp_start, self.numel)
-
-
-def _local_slice(param: nn.Parameter) -> _Slice | None:
-    mapping = getattr(param, "_hp_mapping", None)
-    return _Slice(mapping) if mapping is not None else None
-
-
-def _local_grad(param: nn.Parameter, part: _Slice) -> torch.Tensor:
-    """This rank's slice of the reduced gradient, a view into DeepSpeed's buffer (flattened, logical order)."""
-    grad = part.mapping.get_lp_grad_fragment(param._index_in_param_group).view(-1)
-    if grad.numel() != part.numel:           # an optimizer that keeps a whole-parameter gradient buffer
-        grad = grad.narrow(0, part.lp_start, part.numel)
-    return grad
-
-
-class ZeroAccess(ParamAccess):
-    """MaskSet access under ZeRO 1/2: module copy plus this rank's master, optimizer-state and gradient slices."""
-
-    def __init__(self, flat_partitions: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
-        self.flat = flat_partitions        # fp32 master partition of each param group, as the optimizer steps it
-        self.optimizer = optimizer         # the torch optimizer DeepSpeed steps; its state is keyed by the partitions
-        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (mask factor, local slice)
-
-    def fill_(self, name: str, param: nn.Parameter, positions: torch.Tensor,
-              values: torch.Tensor | None = None) -> None:
-        super().fill_(name, param, positions, values)            # the module copy, whole on every rank
-        part = _local_slice(param)
-        if part is None:
-            return
-        master = part.mapping.hp_fragment
-        where = part.of_full(positions)
-        if values is None:
-            master.masked_fill_(where, 0.0)
-        else:
-            new = part.of_full(values.to(device=master.device, dtype=master.dtype))
-            master.copy_(torch.where(where, new, master))
-
-    def zero_optimizer_state_(self, name: str, param: nn.Parameter, positions: torch.Tensor,
-                              optimizer: torch.optim.Optimizer) -> None:
-        part = _local_slice(param)
-        if part is None:
-            return
-        flat = self.flat[part.group]
-        where = part.of_full(positions)
-        for value in self.optimizer.state.get(flat, {}).values():
-            if torch.is_tensor(value) and value.shape == flat.shape:
-                part.of_flat(value).masked_fill_(where, 0)
-
-    def mask_grads_(self, params: Mapping[str, nn.Parameter], factors: Mapping[str, torch.Tensor]) -> None:
-        """Mask this rank's reduced gradient slices (DeepSpeed's buffers, read by the coming ``engine.step()``)."""
-        grads, multipliers = [], []
-        for name, factor in factors.items():
-            param = params[name]
-            part = _local_slice(param)
-            if part is None:
-                continue
-            grad = _local_grad(param, part)
-            grads.append(grad)
-            multipliers.append(self._local_factor(name, factor, part, grad.dtype))
-        if grads:
-            torch._foreach_mul_(grads, multipliers)
-
-    def dense_grads(self, params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-        """Whole reduced gradients (fp32) from every rank's slices, in one all-reduce. Update steps only, never the
-        hot path."""
-        device = next(iter(params.values())).device if params else torch.device("cpu")
-        return dict(zip(params, _assemble(list(params.values()), _local_grad, device)))
-
-    def _local_factor(self, name: str, factor: torch.Tensor, part: _Slice, dtype: torch.dtype) -> torch.Tensor:
-        """This rank's slice of the mask factor, cut once per mask change and kept in the gradient's dtype."""
-        cached = self._factors.get(name)
-        if cached is None or cached[0] is not factor or cached[1].dtype != dtype:
-            cached = (factor, part.of_full(factor).to(dtype).contiguous())
-            self._factors[name] = cached
-        return cached[1]
+    cached = getattr(groups, "_WORLD_GROUP", None)
+    release = getattr(groups, "_release_process_group_references", None)
+    if cached is None or release is None:
+        return
+    try:
+        dist.get_process_group_ranks(cached)
+    except (KeyError, ValueError, RuntimeError):   # not a group of the current world
+        release(None)
 
 
 class DeepSpeedBackend(DDPBackend):
     """deepspeed.initialize owns the step: accumulation boundaries, loss scaling, clipping, the ZeRO partitions."""
 
     name = "deepspeed"
+    # DeepSpeed hooks the model's parameters with closures over its engine: the model keeps the engine alive
+    _wrapped_attributes = ("module", "engine", "_optimizer", "_model")
 
     def __init__(self, env: DistEnv, device: torch.device, precision: str, cfg: ParallelConfig) -> None:
-        super().__init__(env, device, precision, cfg)          # torch's process group: gloo on CPU, NCCL on CUDA
-        for key, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world_size)):
-            os.environ.setdefault(key, str(value))             # DeepSpeed reads them; unset in a one-process run
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-        self.scaler = None                                     # DeepSpeed scales fp16 losses itself
+        self._env_changes = EnvChanges()
+        self._env_changes.adopt(_IMPORT_CHANGES)
+        self._owns_group = False
+        try:
+            with self._env_changes.watch():
+                super().__init__(env, device, precision, cfg)     # torch's process group: gloo on CPU, NCCL on CUDA
+                for key, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank),
+                                   ("WORLD_SIZE", env.world_size)):
+                    os.environ.setdefault(key, str(value))        # DeepSpeed reads them; unset in a one-process run
+                deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+                _forget_stale_groups()
+        except BaseException:
+            self.shutdown()          # nobody else can: the caller never receives this backend
+            raise
+        self.scaler = None                                         # DeepSpeed scales fp16 losses itself
         self.engine: Any = None
         self._groups: list[list[nn.Parameter]] = []
         self._boundary = True
         self._partitioned = False
         self._optimizer: torch.optim.Optimizer | None = None
+
+    def shutdown(self) -> None:
+        """Free the engine, destroy the process group if this backend created it, and put the environment back.
+
+        ``engine.destroy()`` removes the gradient hooks ZeRO put on the parameters: they close over its optimizer
+        from C++ autograd nodes, a cycle the collector cannot see, which would keep every partition alive.
+        """
+        self._groups = []
+        try:
+            engine = getattr(self, "engine", None)       # absent when __init__ failed
+            if engine is not None:
+                engine.destroy()
+            del engine
+            super().shutdown()
+        finally:
+            self._env_changes.restore()
+
+    def _destroy_group(self) -> None:
+        """Through DeepSpeed, which then also forgets the groups it derived from the world."""
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+        else:
+            super()._destroy_group()
 
     # ---------------------------------------------------------------- model
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -191,7 +155,8 @@ class DeepSpeedBackend(DDPBackend):
         for param in model.parameters():   # compare strides: a channels_last 1x1 kernel counts as contiguous
             if param.data.stride() != torch.empty(param.shape, device="meta").stride():
                 param.data = param.data.clone(memory_format=torch.contiguous_format)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        with self._env_changes.watch():
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.module = self.engine
         self._partitioned = any(hasattr(p, "_hp_mapping") for p in model.parameters())
         if self._partitioned:
@@ -199,14 +164,7 @@ class DeepSpeedBackend(DDPBackend):
         return self.engine, optimizer
 
     def _flat_partitions(self) -> list[torch.Tensor]:
-        """The fp32 master partition of each param group in DeepSpeed's ZeRO (or bf16) optimizer."""
-        wrapper = self.engine.optimizer
-        for attribute in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
-            flat = getattr(wrapper, attribute, None)
-            if flat is not None:
-                return list(flat)
-        raise TypeError(f"DeepSpeed optimizer {type(wrapper).__name__} keeps its master weights where masks cannot "
-                        "reach them; use parallel.zero_stage 1 or 2 without optimizer offload")
+        return flat_partitions(self.engine.optimizer)
 
     def attach_masks(self, masks: MaskSet | None) -> None:
         if masks is None or not self._partitioned or isinstance(masks.access, ZeroAccess):
@@ -242,7 +200,7 @@ class DeepSpeedBackend(DDPBackend):
         if self._partitioned:
             flats = self._flat_partitions()
             names = {id(p): n for n, p in self.model.named_parameters()}
-            for group, full in zip(self._groups, self._gather(lambda g: flats[g])):
+            for group, full in zip(self._groups, gather_groups(self._groups, lambda g: flats[g])):
                 for param, tensor in zip(group, full):
                     state[names[id(param)]] = tensor
         return state
@@ -254,7 +212,7 @@ class DeepSpeedBackend(DDPBackend):
             flats = self._flat_partitions()
             names = {id(p): n for n, p in self.model.named_parameters()}
             for group in self._groups:
-                self._scatter(group, {id(p): state[names[id(p)]] for p in group}, lambda g: flats[g])
+                scatter_group(group, {id(p): state[names[id(p)]] for p in group}, lambda g: flats[g])
 
     @torch.no_grad()
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -266,10 +224,10 @@ class DeepSpeedBackend(DDPBackend):
         out: dict[int, dict[str, Any]] = {}
         groups, index = [], 0
         for g, (group, flat, pg) in enumerate(zip(self._groups, flats, optimizer.param_groups)):
-            entries = [dict() for _ in group]
+            entries: list[dict[str, Any]] = [{} for _ in group]
             for key, value in states[g].items():
                 if torch.is_tensor(value) and value.shape == flat.shape:
-                    full = self._gather(lambda i, key=key: states[i][key], only=g)[0]
+                    full = gather_groups(self._groups, lambda i, key=key: states[i][key], only=g)[0]
                     for entry, tensor in zip(entries, full):
                         entry[key] = tensor
                 else:
@@ -293,7 +251,7 @@ class DeepSpeedBackend(DDPBackend):
             raise ValueError("the checkpoint's optimizer has different parameter groups; resume with the same "
                              "model and optim settings")
         flats = self._flat_partitions()
-        for g, (group, saved, flat, pg) in enumerate(zip(self._groups, saved_groups, flats, optimizer.param_groups)):
+        for group, saved, flat, pg in zip(self._groups, saved_groups, flats, optimizer.param_groups):
             pg.update({k: v for k, v in saved.items() if k != "params"})
             entries = [state["state"].get(i) for i in saved["params"]]
             present = [e for e in entries if e]
@@ -306,13 +264,14 @@ class DeepSpeedBackend(DDPBackend):
                         target[key] = torch.zeros_like(flat)
                     full = {id(p): (e[key] if e else torch.zeros_like(p, dtype=torch.float32))
                             for p, e in zip(group, entries)}
-                    self._scatter(group, full, lambda _g, key=key: target[key])
+                    scatter_group(group, full, lambda _g, key=key: target[key])
                 elif key in target and torch.is_tensor(target[key]):
                     target[key].copy_(value)
                 else:
                     target[key] = value.to(flat.device) if torch.is_tensor(value) else value
 
     def state_dict(self) -> dict[str, Any]:
+        """DeepSpeed's fp16 loss scaler (it replaces torch's GradScaler)."""
         scaler = getattr(self.engine.optimizer, "loss_scaler", None) if self.engine is not None else None
         if scaler is None or self.precision != "fp16":
             return {}
@@ -324,41 +283,3 @@ class DeepSpeedBackend(DDPBackend):
         for key, value in (state.get("loss_scaler") or {}).items():
             if scaler is not None and hasattr(scaler, key):
                 setattr(scaler, key, value)
-
-    # ------------------------------------------------------------ partitions
-    @torch.no_grad()
-    def _gather(self, source: Callable[[int], torch.Tensor], only: int | None = None
-                ) -> list[list[torch.Tensor]]:
-        """Full fp32 tensors, one per parameter of each group, from every rank's slices of a partition-shaped tensor
-        (one all-reduce per group: the slices of different ranks are disjoint)."""
-        out = []
-        for g, group in enumerate(self._groups):
-            if only is not None and g != only:
-                continue
-            flat = source(g)
-            full = _assemble(group, lambda _param, part, flat=flat: part.of_flat(flat), flat.device)
-            out.append([tensor.cpu().clone() for tensor in full])
-        return out
-
-    def _scatter(self, group: list[nn.Parameter], full: Mapping[int, torch.Tensor],
-                 target: Callable[[int], torch.Tensor]) -> None:
-        """Write this rank's slices of full parameter-shaped tensors into a partition-shaped tensor (no comm)."""
-        for param in group:
-            part = _local_slice(param)
-            if part is not None:
-                flat = target(part.group)
-                part.of_flat(flat).copy_(part.of_full(full[id(param)].to(device=flat.device, dtype=flat.dtype)))
-
-
-def _assemble(params: list[nn.Parameter], local: Callable[[nn.Parameter, _Slice], torch.Tensor],
-              device: torch.device) -> list[torch.Tensor]:
-    """Whole fp32 tensors, one per parameter, from every rank's ``local(param, slice)`` values: one all-reduce of a
-    buffer of the parameters' size (the ranks' slices are disjoint, so the sum is their concatenation)."""
-    sizes = [p.numel() for p in params]
-    buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
-    for view, param in zip(buffer.split(sizes), params):
-        part = _local_slice(param)
-        if part is not None:
-            part.of_full(view).copy_(local(param, part))
-    dist.all_reduce(buffer)
-    return [view.reshape(p.shape) for view, p in zip(buffer.split(sizes), params)]
