@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pruning.registry import Registry
+from common.registry import Registry
 
 Time = int | float   # steps (int) or a fraction of the run (float in (0, 1])
 

@@ -247,27 +247,3 @@ def unit_compute(params: Mapping[str, nn.Parameter], sizes: Mapping[str, int]) -
     raw = {name: 2.0 * sizes[name] * math.prod(p.shape[1:]) for name, p in params.items()}
     top = max(raw.values())
     return {name: value / top for name, value in raw.items()}
-
-
-def unit_scores(saliency: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """L2 norm of each output unit's (row's, filter's) saliencies over its fan-in."""
-    return {name: s.reshape(s.shape[0], -1).norm(dim=1) for name, s in saliency.items()}
-
-
-def keep_top_units(scores: Mapping[str, torch.Tensor], unit_size: Mapping[str, int],
-                   budget: int) -> dict[str, torch.Tensor]:
-    """Keep units in order of score (one global ranking; ties by layer order, then index) while the weights they
-    hold fit in ``budget``: the kept count is at most the budget and short of it by less than the next unit."""
-    names = list(scores)
-    flat = torch.cat([scores[n].detach().double().reshape(-1).cpu() for n in names])
-    sizes = torch.cat([torch.full((scores[n].numel(),), unit_size[n], dtype=torch.int64) for n in names])
-    order = torch.sort(flat, descending=True, stable=True).indices
-    fits = torch.cumsum(sizes[order], 0) <= budget
-    keep = torch.zeros(len(flat), dtype=torch.bool)
-    keep[order[fits]] = True
-    masks, start = {}, 0
-    for name in names:
-        count = scores[name].numel()
-        masks[name] = keep[start:start + count].to(scores[name].device)
-        start += count
-    return masks

@@ -1,8 +1,8 @@
-"""Turning scores into masks: exact counts, deterministic ties, global or per-layer budgets.
+"""Turning scores into masks: exact counts, deterministic ties, budgets spread over layers, seeded random scores.
 
-Thresholds come from ``torch.kthvalue`` or a partial ``torch.topk`` (``torch.quantile`` refuses tensors over ~16M
-elements). Ties at the
-threshold are broken by flat index (lowest first) so every rank and every run keeps exactly the same weights.
+The primitives every scope (``pruning.scopes``) is built from. Thresholds come from ``torch.kthvalue`` or a partial
+``torch.topk`` (``torch.quantile`` refuses tensors over ~16M elements). Ties at the threshold are broken by flat index
+(lowest first) so every rank and every run keeps exactly the same weights.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
+from pruning.agreement import seeded_generator
 
 Distribution = Literal["uniform", "er", "erk"]
 
@@ -142,3 +143,28 @@ def keep_top_k_per_row(scores: torch.Tensor, counts: torch.Tensor | int) -> torc
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(n, device=scores.device).expand(rows, n))
     return rank < budget.unsqueeze(1)
+
+
+def keep_top_units(scores: Mapping[str, torch.Tensor], unit_size: Mapping[str, int],
+                   budget: int) -> dict[str, torch.Tensor]:
+    """Keep units in order of score (one global ranking; ties by layer order, then index) while the weights they
+    hold fit in ``budget``: the kept count is at most the budget and short of it by less than the next unit."""
+    names = list(scores)
+    flat = torch.cat([scores[n].detach().double().reshape(-1).cpu() for n in names])
+    sizes = torch.cat([torch.full((scores[n].numel(),), unit_size[n], dtype=torch.int64) for n in names])
+    order = torch.sort(flat, descending=True, stable=True).indices
+    fits = torch.cumsum(sizes[order], 0) <= budget
+    keep = torch.zeros(len(flat), dtype=torch.bool)
+    keep[order[fits]] = True
+    masks, start = {}, 0
+    for name in names:
+        count = scores[name].numel()
+        masks[name] = keep[start:start + count].to(scores[name].device)
+        start += count
+    return masks
+
+
+# ------------------------------------------------------------------------------------------ seeded random masks
+def seeded_uniform(param: torch.Tensor, seed: int, step: int, purpose: str) -> torch.Tensor:
+    """U(0, 1) values shaped like ``param`` (on its device) from the (seed, step, purpose) stream: rank-independent."""
+    return torch.rand(param.shape, generator=seeded_generator(seed, step, purpose)).to(param.device)

@@ -13,14 +13,15 @@ import torch
 from torch import nn
 
 import models
+from engine.backends import Backend, DistEnv
 from engine.checkpoint import load_state
 from engine.optim import OptimConfig, build_optimizer
-from engine.parallel import Backend, DistEnv
 from engine.run_config import load_config
 from engine.trainer import train
 from pruning.agreement import seeded_generator
 from pruning.methods import MethodContext, build_method
-from pruning.methods.dst import DSRConfig, RigLConfig, SETConfig, dsr_shares
+from pruning.methods.dsr import DSRConfig, dsr_shares
+from pruning.methods.dst import RigLConfig, SETConfig
 from pruning.selection import keep_top_k, layer_densities
 from pruning.targets import TargetConfig
 
@@ -72,8 +73,8 @@ def test_period_schedule_and_stop_epoch() -> None:
     cfg = DSRConfig(method="dsr", period=7, period_epochs=[1, 3], periods=[2, 4], stop_epoch=5,
                     targets=TargetConfig())
     method = build_method(cfg, row(ROW), None, MethodContext(steps_per_epoch=8, epochs=10))
-    assert [method.period_at(e) for e in range(6)] == [7, 2, 2, 4, 4, 4]
-    due = [s for s in range(80) if method.is_update_step(s)]
+    assert [method.periods.period_at(e) for e in range(6)] == [7, 2, 2, 4, 4, 4]
+    due = [s for s in range(80) if method.periods.is_due(s + 1)]
     # t = s + 1; epochs are 8 steps: 7 in epoch 0 | 10..24 by 2 in epochs 1-2 | 28..40 by 4 in 3-4 | none from 5 on
     assert due == [6, 9, 11, 13, 15, 17, 19, 21, 23, 27, 31, 35, 39]
 
@@ -113,8 +114,8 @@ def test_rigl_one_update_by_hand() -> None:
     method = build_method(RigLConfig(method="rigl", density=0.5, period=1), layer, optimizer,
                           MethodContext(seed=7, steps_per_epoch=10))
     with_mask(method, {"weight": ACTIVE})
-    assert method.drop_fraction(0) == pytest.approx(0.15 * (1 + math.cos(math.pi / 10)))   # T_end = 10 steps
-    assert method.drop_fraction(4) == pytest.approx(0.15)
+    assert method.drop_fraction.at(1) == pytest.approx(0.15 * (1 + math.cos(math.pi / 10)))   # T_end = 10 steps
+    assert method.drop_fraction.at(5) == pytest.approx(0.15)
     optimizer.state[layer.weight]["momentum_buffer"] = torch.ones(1, 8)
     layer.weight.grad = torch.tensor([[9.0, 9.0, 0.75, 9.0, 0.0, 0.5, -2.0, 0.25]])
     method.before_step(0)
@@ -125,6 +126,25 @@ def test_rigl_one_update_by_hand() -> None:
     assert optimizer.state[layer.weight]["momentum_buffer"].tolist() == [[1, 1, 1, 1, 0, 1, 0, 1]]
     assert (method.last_changes["weight"].dropped, method.last_changes["weight"].grown) == (1, 1)
     assert method.dense_grads == {}
+
+
+def test_rigl_skips_an_update_whose_gradients_overflowed() -> None:
+    # fp16 loss scaling: the step's gradients hold inf, the scaler skips the optimizer step; RigL has no scores to
+    # grow by, so it leaves the masks alone, counts the skip, and the next update runs as usual
+    layer = row(ROW)
+    method = build_method(RigLConfig(method="rigl", density=0.5, period=1), layer, None,
+                          MethodContext(seed=7, steps_per_epoch=10))
+    with_mask(method, {"weight": ACTIVE})
+    before = method.masks["weight"].clone()
+    layer.weight.grad = torch.tensor([[9.0, 9.0, 0.75, 9.0, 0.0, math.inf, -2.0, 0.25]])
+    method.before_step(0)
+    method.after_step(0)
+    assert torch.equal(method.masks["weight"], before) and method.updates == 0 and method.skipped == 1
+    assert method.drain_events() == [(1, {"dst/skipped_updates": 1.0})]
+    layer.weight.grad = torch.tensor([[9.0, 9.0, 0.75, 9.0, 0.0, 0.5, -2.0, 0.25]])
+    method.before_step(1)
+    method.after_step(1)
+    assert method.updates == 1 and not torch.equal(method.masks["weight"], before)
 
 
 def test_set_reinit_gives_grown_weights_a_seeded_value() -> None:
@@ -146,7 +166,7 @@ def test_an_update_that_loses_weights_is_refused() -> None:
     method = build_method(SETConfig(method="set", density=0.5, period=1), row(ROW), None,
                           MethodContext(steps_per_epoch=10))
     with_mask(method, {"weight": ACTIVE})
-    method.new_masks = lambda step: {"weight": torch.tensor([[True] * 4 + [False] * 4])}
+    method.new_masks = lambda step, grads: {"weight": torch.tensor([[True] * 4 + [False] * 4])}
     with pytest.raises(RuntimeError, match="set changed the active count from 5 to 4"):
         method.after_step(0)
 
@@ -255,7 +275,7 @@ def test_dsr_kernel_granularity_invariants() -> None:
         assert method.active_count() == slices
         for n, param in method.params.items():
             mask = method.masks[n]
-            rows = mask.reshape(method.units(n)[0], -1)
+            rows = mask.reshape(method.scope.units(n)[0], -1)
             assert (rows.all(1) | ~rows.any(1)).all(), f"{n}: a kernel slice is partly masked"
             assert mask.any() and (param[~mask] == 0).all()
         moved += sum(c.grown for c in method.last_changes.values())
@@ -269,12 +289,13 @@ def test_dsr_kernel_granularity_starts_each_layer_at_its_erk_density() -> None:
     method.setup()
     wanted = layer_densities({n: p.shape for n, p in method.params.items()}, 0.1, "erk")
     for name in method.params:
-        units = method.units(name)[0]
+        units = method.scope.units(name)[0]
         assert abs(float(method.unit_mask(name).float().mean()) - wanted[name]) <= 1.0 / units, name
     assert abs(method.masks.density() - 0.1) < 0.01
     weight_masks = {n: keep_top_k(torch.rand(p.shape), p.numel() // 2) for n, p in method.params.items()}
     with pytest.raises(ValueError, match="not made of whole kernel slices"):
-        method.load_state_dict({"masks": weight_masks, "threshold": 1e-3})
+        method.masks.load_state_dict(weight_masks)      # the trainer restores the masks first
+        method.load_state_dict({"threshold": 1e-3})
 
 
 # ------------------------------------------------------------------ invariants over many updates
@@ -351,8 +372,8 @@ def test_dsr_resumes_with_its_threshold(tmp_path: Path) -> None:
     again = load_state(str(sorted((tmp_path / "dsr" / "checkpoints").glob("ckpt-*.pt"))[-1]))
     assert straight["method"]["threshold"] == again["method"]["threshold"]
     assert straight["method"]["updates"] == again["method"]["updates"] > 0
-    for name, mask in straight["method"]["masks"].items():
-        assert torch.equal(mask, again["method"]["masks"][name]), name
+    for name, mask in straight["masks"].items():
+        assert torch.equal(mask, again["masks"][name]), name
         assert torch.equal(straight["model"][name], again["model"][name]), name
 
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import models
+from engine.backends import Backend, DistEnv
 from engine.checkpoint import load_state
 from engine.optim import OptimConfig, build_optimizer
-from engine.parallel import Backend, DistEnv
 from engine.run_config import load_config
 from engine.trainer import train
 from pruning.methods import MethodContext, build_method
@@ -168,11 +168,12 @@ def test_union_mask_cycles_round_to_whole_steps() -> None:
     # 10 steps in 3 cycles: boundaries 0, 3, 7, 10 (rounded); the ramp reaches s_f on each cycle's last step.
     method = build_method(UnionMaskConfig(method="union_mask", final_sparsity=0.6, end=10, cycles=3, prune_freq=2),
                           nn.Linear(4, 1), None, MethodContext(steps_per_epoch=10))
-    assert method.bounds == [0, 3, 7, 10] and method.last_start == 7
-    assert [t for t in range(11) if method.is_cycle_prune(t)] == [0, 2, 3, 5, 7]
-    assert method.cycle_sparsity(2) == pytest.approx(0.6 * math.sin(math.pi / 2 * 2 / 3))
-    assert method.cycle_sparsity(5) == pytest.approx(0.6 * math.sin(math.pi / 2 * 2 / 4))
-    assert method.cycle_sparsity(3) == method.cycle_sparsity(7) == pytest.approx(0.6)
+    cycles = method.cycles
+    assert cycles.bounds == [0, 3, 7, 10] and cycles.last_start == 7
+    assert [t for t in range(11) if cycles.is_prune_step(t)] == [0, 2, 3, 5, 7]
+    assert cycles.sparsity(2) == pytest.approx(0.6 * math.sin(math.pi / 2 * 2 / 3))
+    assert cycles.sparsity(5) == pytest.approx(0.6 * math.sin(math.pi / 2 * 2 / 4))
+    assert cycles.sparsity(3) == cycles.sparsity(7) == pytest.approx(0.6)
 
 
 def test_union_mask_cycle_length_as_written() -> None:
@@ -180,10 +181,10 @@ def test_union_mask_cycle_length_as_written() -> None:
     context = MethodContext(steps_per_epoch=20)
     by_length = build_method(UnionMaskConfig(method="union_mask", end=12, cycle=4), nn.Linear(4, 1), None, context)
     by_count = build_method(UnionMaskConfig(method="union_mask", end=12, cycles=3), nn.Linear(4, 1), None, context)
-    assert by_length.bounds == by_count.bounds == [0, 4, 8, 12]
+    assert by_length.cycles.bounds == by_count.cycles.bounds == [0, 4, 8, 12]
     as_fraction = build_method(UnionMaskConfig(method="union_mask", end=0.6, cycle=0.2), nn.Linear(4, 1), None,
                                context)
-    assert as_fraction.bounds == [0, 4, 8, 12]
+    assert as_fraction.cycles.bounds == [0, 4, 8, 12]
     with pytest.raises(ValueError, match="^cycle: end - start \\(12 steps\\) must hold a whole number"):
         build_method(UnionMaskConfig(method="union_mask", end=12, cycle=5), nn.Linear(4, 1), None, context)
     with pytest.raises(ValueError, match="^cycles and cycle both set"):
@@ -256,7 +257,7 @@ def test_invariants_over_many_steps(method: str, options: dict) -> None:
     inputs, targets = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
     previous = {name: mask.clone() for name, mask in sparsity.masks.items()}
     carry = options.get("carry_mask", False)
-    end = sparsity.end if method == "union_mask" else sparsity.schedule.end
+    end = sparsity.cycles.end if method == "union_mask" else sparsity.schedule.end
     for step in range(steps):
         loss = nn.functional.cross_entropy(model(inputs), targets)
         backend.backward(loss)
@@ -267,7 +268,7 @@ def test_invariants_over_many_steps(method: str, options: dict) -> None:
             mask = sparsity.masks[name]
             assert (param[~mask] == 0).all(), f"{name} has a non-zero pruned weight at t={t}"
             # carry_mask: masks only shrink; union mask: always in its last cycle, never across its resets
-            shrink_only = t > sparsity.last_start if method == "union_mask" else carry
+            shrink_only = t > sparsity.cycles.last_start if method == "union_mask" else carry
             if shrink_only:
                 assert not (mask & ~previous[name]).any(), f"{name} regrew under carry_mask at t={t}"
             previous[name] = mask.clone()
@@ -305,8 +306,8 @@ def test_union_mask_end_to_end_and_exact_resume(tmp_path: Path) -> None:
     straight = load_state(str(ckpts[2]))
     train(load_config(None, [*base, f"resume={ckpts[1]}"]))   # epochs 3 again, from the epoch-2 checkpoint
     again = load_state(str(sorted((tmp_path / "union" / "checkpoints").glob("ckpt-*.pt"))[-1]))
-    for name, mask in straight["method"]["masks"].items():
-        assert torch.equal(mask, again["method"]["masks"][name]), name
+    for name, mask in straight["masks"].items():
+        assert torch.equal(mask, again["masks"][name]), name
         assert torch.equal(straight["method"]["union"][name], again["method"]["union"][name]), name
         assert torch.equal(straight["model"][name], again["model"][name]), name
     assert straight["method"]["union_sparsity"] == again["method"]["union_sparsity"]

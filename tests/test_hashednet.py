@@ -17,7 +17,7 @@ from torch import nn
 import models
 from engine.checkpoint import load_state
 from engine.config import ConfigError
-from engine.parallel import Backend, DistEnv
+from engine.backends import Backend, DistEnv
 from engine.run_config import load_config
 from engine.trainer import train
 from pruning.agreement import seeded_generator
@@ -316,7 +316,7 @@ PROBE = '''
 import json, sys
 import torch
 import pruning.methods.hashed  # noqa: F401
-from engine.parallel import DistEnv, build_backend, pick_device
+from engine.backends import DistEnv, build_backend, pick_device
 from engine.run_config import load_config
 from engine.trainer import Trainer
 out, overrides = sys.argv[1], sys.argv[2:]

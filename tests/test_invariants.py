@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import models
+from engine.backends import Backend, DistEnv
 from engine.optim import OptimConfig, build_optimizer
-from engine.parallel import Backend, DistEnv
 from pruning.methods import MethodContext, build_method
 from pruning.methods.at_init import AtInitConfig
 

@@ -12,14 +12,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 import models
+from engine.backends import Backend, DistEnv
 from engine.checkpoint import Checkpointer, load_state
 from engine.config import ConfigError
 from engine.optim import OptimConfig, build_optimizer
-from engine.parallel import Backend, DistEnv
 from engine.run_config import load_config
 from engine.trainer import train
 from pruning.methods import MethodContext, build_method
-from pruning.methods.iterative import IterativeConfig, IterativePruning, density_after, per_prune_fraction
+from pruning.methods.iterative import IterativeConfig, IterativePruning
+from pruning.timing import density_after, per_prune_fraction
 
 
 # ------------------------------------------------------------------ the maths by hand
@@ -89,7 +90,7 @@ def test_prunes_happen_exactly_at_their_times() -> None:
     # steps_per_epoch 5, start 2, every 3, 3 prunes: after 2, 5 and 8 epochs, i.e. t = 10, 25, 40.
     method = iterative(TwoLinear(), steps_per_epoch=5, epochs=9, final_sparsity=0.875, prunes=3, every_epochs=3,
                        start_epoch=2, scope="layer")
-    assert method.prune_times() == [10, 25, 40]
+    assert method.prunes.times == [10, 25, 40]
     method.setup()
     assert method.masks.density() == 1.0 and method.drain_events() == []
     changed, logged = [], []
@@ -116,7 +117,7 @@ def test_prunes_happen_exactly_at_their_times() -> None:
 
 def test_start_epoch_zero_prunes_at_setup() -> None:
     method = iterative(TwoLinear(), steps_per_epoch=5, epochs=2, final_sparsity=0.5, prunes=1, start_epoch=0)
-    assert method.prune_times() == [0]
+    assert method.prunes.times == [0]
     method.setup()
     assert [int(m.sum()) for _, m in method.masks.items()] == [32, 16]
     assert [t for t, _ in method.drain_events()] == [0]
@@ -164,7 +165,7 @@ def test_exact_counts_and_zeros_in_a_real_loop(scope: str, fraction: str) -> Non
     optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4))
     method = iterative(model, optimizer, steps_per_epoch=spe, epochs=epochs, final_sparsity=s, prunes=n,
                        every_epochs=2, start_epoch=1, scope=scope, fraction=fraction)
-    assert method.prune_times() == [4, 12, 20, 28]
+    assert method.prunes.times == [4, 12, 20, 28]
     method.setup()
     backend = Backend(DistEnv(), torch.device("cpu"))
     backend.wrap(model)
@@ -184,8 +185,8 @@ def test_exact_counts_and_zeros_in_a_real_loop(scope: str, fraction: str) -> Non
             assert (param[~mask] == 0).all(), f"{name} has a non-zero pruned weight at t={t}"
             momentum = optimizer.state[param]["momentum_buffer"]
             assert (momentum[~mask] == 0).all(), f"{name} has momentum on a pruned weight at t={t}"
-        if t in method.prune_times():
-            d = density_after(method.prune_times().index(t), n, s, fraction)
+        if t in method.prunes.times:
+            d = density_after(method.prunes.times.index(t), n, s, fraction)
             kept = {name: int(m.sum()) for name, m in method.masks.items()}
             if scope == "layer":
                 assert kept == {name: round(d * size) for name, size in sizes.items()}, t
@@ -224,6 +225,7 @@ def test_state_dict_continues_exactly() -> None:
     assert state["prunes_done"] == 2 and state["stored"] is None
     model_c, second = make()
     model_c.load_state_dict(model_b.state_dict())
+    second.masks.load_state_dict(first.masks.state_dict())      # the trainer restores the masks first
     second.load_state_dict(state)
     assert second.prunes_done == 2 and second.last_fraction == first.last_fraction
     for step in range(4, 12):
@@ -290,8 +292,8 @@ def latest_state(run_dir: Path) -> dict:
 def assert_same_end(a: dict, b: dict) -> None:
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
-    for name, mask in a["method"]["masks"].items():
-        assert torch.equal(mask, b["method"]["masks"][name]), name
+    for name, mask in a["masks"].items():
+        assert torch.equal(mask, b["masks"][name]), name
     for index, state in a["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][index]["momentum_buffer"])
     assert a["method"]["prunes_done"] == b["method"]["prunes_done"] == 3

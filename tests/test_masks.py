@@ -11,9 +11,10 @@ from torch import nn
 from pruning.agreement import mask_checksums, seeded_generator
 from pruning.masks import MaskSet, parameter_counts
 from pruning.methods import MethodContext, build_method
-from pruning.methods.at_init import AtInitConfig, iteration_density
+from pruning.methods.at_init import AtInitConfig
 from pruning.selection import apportion, global_top_k, keep_top_k, kth_largest, layer_counts, layer_densities
 from pruning.targets import TargetConfig, prunable_parameters
+from pruning.timing import IterationDensities
 
 
 def test_keep_top_k_exact_with_ties_broken_by_index() -> None:
@@ -64,9 +65,9 @@ def test_erk_densities_by_hand() -> None:
 
 
 def test_iteration_density_schedules() -> None:
-    assert iteration_density(0.01, 1, 2, "exponential") == pytest.approx(0.1)
-    assert iteration_density(0.01, 2, 2, "exponential") == pytest.approx(0.01)
-    assert iteration_density(0.2, 1, 4, "linear") == pytest.approx(0.8)
+    assert IterationDensities(0.01, 2, "exponential").at(1) == pytest.approx(0.1)
+    assert IterationDensities(0.01, 2, "exponential").at(2) == pytest.approx(0.01)
+    assert IterationDensities(0.2, 4, "linear").at(1) == pytest.approx(0.8)
 
 
 class Tiny(nn.Module):

@@ -19,8 +19,8 @@ from pruning.methods.grasp import GraSPConfig
 from pruning.methods.snip import DataScoredConfig
 from pruning.methods.structured_snip import StructuredSNIPConfig
 from pruning.methods.synflow import SynFlowConfig
-from pruning.scores import (balanced_batches, float32_trouble, input_sizes, keep_top_units, synflow_scores,
-                            unit_compute)
+from pruning.scores import balanced_batches, float32_trouble, input_sizes, synflow_scores, unit_compute
+from pruning.selection import keep_top_units
 
 REPO = Path(__file__).resolve().parents[1]
 W = [[1.0, -2.0], [0.5, 3.0]]

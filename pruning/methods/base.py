@@ -1,24 +1,31 @@
 """The one contract of a sparsity method, and the registry that finds methods by name.
 
 A method is a small class with its own typed config. The trainer calls it at fixed points of the loop:
-``setup`` (initial masks, on a fresh start only; a resumed run calls ``load_state_dict`` instead), ``before_step``
-(after gradients are ready, before the optimizer step: mask gradients, collect grow scores), ``after_step``
-(scheduled mask updates), ``end_epoch`` (stripping, union cycles, iterative prunes) and ``state_dict``.
+
+- before the optimizer exists: ``prepare_model`` (structure changes, e.g. tied weights) and ``make_optimizer`` (a
+  method that is an optimizer, such as Gradient Rewiring, supplies it; the default is the configured one);
+- ``setup`` (initial masks, on a fresh start only; a resumed run restores the masks and calls ``load_state_dict``);
+- ``before_step`` (gradients ready, before the optimizer step: mask gradients, collect grow scores) and
+  ``after_step`` (scheduled mask updates);
+- at each epoch's end: ``decision_pass`` (optionally one pass over a split with forward hooks that live only during
+  that pass, whose sums are reduced over ranks before the method decides), then ``end_epoch``.
+
+A masked method (:class:`MaskedMethod`) owns a :class:`MaskSet` from construction; the trainer saves it at a fixed
+top-level place of the checkpoint, so a method's ``state_dict`` holds only its own state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from pruning.masks import LayerStat, MaskSet, dense_stats
-from pruning.registry import Registry
+from common.registry import Registry
 from pruning.targets import TargetConfig, prunable_parameters
-
 
 
 @dataclass
@@ -48,6 +55,25 @@ class RunFacts:
     backend: str            # auto | none | ddp | deepspeed
     zero_stage: int
     precision: str
+    val_fraction: float = 0.0   # > 0: a held-out validation split exists (a decision pass may use it)
+
+
+Split = Literal["train", "val", "test"]
+Probe = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DecisionPass:
+    """A method's request for one pass over ``split`` before it decides something at an epoch's end.
+
+    ``probes`` maps a module name of the unwrapped model to a function of that module's output returning a vector;
+    the trainer sums each vector over every batch of the pass (hooks exist only during it), sums over ranks, and
+    calls ``decide`` with the totals by module name, so every rank decides from the same numbers.
+    """
+
+    split: Split
+    probes: Mapping[str, Probe]
+    decide: Callable[[dict[str, torch.Tensor]], None]
 
 
 @dataclass
@@ -70,10 +96,15 @@ class MethodContext:
 
 
 class SparsityMethod:
-    """Base class: holds the config, the unwrapped model, the optimizer and (for sparse methods) a MaskSet."""
+    """Base class: holds the config, the unwrapped model, the optimizer and the parameters it acts on.
+
+    Unmasked methods (dense, tied weights) derive from it directly and have ``masks = None``; masked ones derive
+    from :class:`MaskedMethod`.
+    """
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     name: ClassVar[str] = ""
+    masks: MaskSet | None = None
 
     def __init__(self, config: MethodConfig, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  context: MethodContext) -> None:
@@ -82,37 +113,46 @@ class SparsityMethod:
         self.optimizer = optimizer
         self.context = context
         self.params = self.target_parameters(model)
-        self.masks: MaskSet | None = None
         self._events: list[tuple[int, dict[str, float]]] = []
 
     def target_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The parameters this method acts on, by name: the prunable weights (a reparameterisation returns its own)."""
         return prunable_parameters(model, self.config.targets)
 
-    # ------------------------------------------------------------ loop points
+    # ------------------------------------------------------------ before the optimizer exists
     @classmethod
     def prepare_model(cls, config: MethodConfig, model: nn.Module, context: MethodContext) -> nn.Module:
         """Change the model's structure before the optimizer is built (e.g. tie weights); most methods do not."""
         return model
 
+    @classmethod
+    def make_optimizer(cls, config: MethodConfig, model: nn.Module,
+                       default: Callable[[nn.Module], torch.optim.Optimizer]) -> torch.optim.Optimizer:
+        """The optimizer of the run: ``default`` builds the configured one; a method that is an optimizer (Grad R)
+        returns its own (refuse what cannot work with it in ``MethodConfig.check_run``)."""
+        return default(model)
+
+    # ------------------------------------------------------------ loop points
     def setup(self) -> None:
         """Build the initial masks (fresh runs only)."""
 
     def before_step(self, step: int) -> None:
-        """Called with gradients ready, before the optimizer step: pruned weights must get no update."""
-        if self.masks is not None:
-            self.masks.mask_grads_()
+        """Called with gradients ready, before the optimizer step."""
 
     def after_step(self, step: int) -> None:
         """Called after the optimizer step."""
 
+    def decision_pass(self, epoch: int) -> DecisionPass | None:
+        """A pass to run at the end of ``epoch``, before ``end_epoch`` (None: no pass, the default)."""
+        return None
+
     def end_epoch(self, epoch: int) -> None:
-        """Called after each epoch's evaluation."""
+        """Called after each epoch's evaluation (and decision pass, if one was asked for)."""
 
     # ------------------------------------------------------------ reporting
     def layer_stats(self) -> list[LayerStat]:
         """Per-layer accounting of the prunable weights."""
-        return self.masks.stats() if self.masks is not None else dense_stats(self.params)
+        return dense_stats(self.params)
 
     def layer_targets(self) -> dict[str, float] | None:
         """Target density per layer when the method has one (for target-vs-actual monitoring)."""
@@ -133,16 +173,36 @@ class SparsityMethod:
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": self.masks.state_dict() if self.masks is not None else None}
+        """The method's own state; masks are saved by the trainer at the checkpoint's top level."""
+        return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("masks")
-        if saved is None:
-            return
-        if self.masks is None:
-            self.masks = MaskSet(self.params)
-        self.masks.load_state_dict(saved)
-        self.masks.verify()
+        """Restore :meth:`state_dict`; called after the masks (if any) are restored."""
+
+
+class MaskedMethod(SparsityMethod):
+    """A method whose sparsity is a MaskSet over its target parameters, built here: all ones until ``setup``."""
+
+    masks: MaskSet
+
+    def __init__(self, config: MethodConfig, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 context: MethodContext) -> None:
+        super().__init__(config, model, optimizer, context)
+        self.masks = MaskSet(self.params)
+
+    def before_step(self, step: int) -> None:
+        """Pruned weights get no update: their gradients are zeroed in one fused pass."""
+        self.masks.mask_grads_()
+
+    def layer_stats(self) -> list[LayerStat]:
+        return self.masks.stats()
+
+    def check_budget(self, scope: Scope, density: float) -> None:
+        """The masks must hold ``scope``'s exact budgets at ``density``: a miss is a bug, not an approximation."""
+        try:
+            scope.check(dict(self.masks.items()), density)
+        except BudgetError as error:
+            raise BudgetError(f"{self.name} missed its target: {error}") from None
 
 
 _METHODS: Registry[type[SparsityMethod]] = Registry("sparsity method", "method")

@@ -38,10 +38,10 @@ from typing import Any, Literal
 import torch
 
 from pruning.agreement import seeded_generator
-from pruning.masks import MaskSet
-from pruning.methods.base import MethodConfig, MethodContext, RunFacts, SparsityMethod, register_method
-from pruning.methods.dst import distribution_densities, random_masks, seeded_uniform, stop_step
-from pruning.selection import keep_top_k
+from pruning.methods.base import MaskedMethod, MethodConfig, MethodContext, RunFacts, register_method
+from pruning.scopes import Scope, build_scope, random_masks, shapes_of
+from pruning.selection import keep_top_k, seeded_uniform
+from pruning.timing import UpdatePeriods
 
 
 @dataclass
@@ -86,7 +86,7 @@ class DeepRConfig(MethodConfig):
 
 
 @register_method("deep_r")
-class DeepR(SparsityMethod):
+class DeepR(MaskedMethod):
     """Deep R: signed connections, noisy L1-regularised theta, sign-flip deaths, random regrowth per layer."""
 
     Config = DeepRConfig
@@ -95,7 +95,9 @@ class DeepR(SparsityMethod):
     def __init__(self, config: MethodConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                  context: MethodContext) -> None:
         super().__init__(config, model, optimizer, context)
-        self.stop_step = stop_step(self.config.stop_epoch, context)
+        cfg = self.config
+        self.rewiring = UpdatePeriods(1, [], [], cfg.stop_epoch, context.steps_per_epoch, context.epochs)
+        self.scope: Scope = build_scope("layer", shapes_of(self.params), cfg.distribution)
         self.signs: dict[str, torch.Tensor] = {}
         self.died = {name: 0 for name in self.params}      # since the last logged event
         self.grown = {name: 0 for name in self.params}
@@ -112,9 +114,7 @@ class DeepR(SparsityMethod):
     def setup(self) -> None:
         """Signs from the initial weights (zero counts as +), then a random mask at ``density``."""
         self.signs = {name: self._sign_of(p.detach()) for name, p in self.params.items()}
-        self.masks = MaskSet(self.params)
-        self.masks.update(random_masks(self.params, self.config.density, self.config.distribution,
-                                       self.context.seed), optimizer=self.optimizer)
+        self.masks.update(random_masks(self.scope, self.config.density, self.context.seed), optimizer=self.optimizer)
 
     @staticmethod
     def _sign_of(weight: torch.Tensor) -> torch.Tensor:
@@ -139,9 +139,8 @@ class DeepR(SparsityMethod):
         return out
 
     def after_step(self, step: int) -> None:
-        if step >= self.stop_step:
+        if not self.rewiring.is_due(step + 1):
             return
-        assert self.masks is not None, "setup() or load_state_dict() first"
         lrs = self.learning_rates()
         new, values = {}, {}
         with torch.no_grad():
@@ -159,7 +158,6 @@ class DeepR(SparsityMethod):
 
     def rewire(self, step: int, name: str, weight: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(new mask, new weight values) of one layer: deaths by theta <= 0, then as many random regrowths."""
-        assert self.masks is not None
         mask, sign = self.masks[name], self.signs[name]
         theta = self.theta_step(step, name, sign * weight, mask, lr)
         alive = mask & (theta > 0)
@@ -173,7 +171,6 @@ class DeepR(SparsityMethod):
 
     # ------------------------------------------------------------ reporting
     def _event(self) -> dict[str, float]:
-        assert self.masks is not None
         out: dict[str, float] = {"deepr/died_total": float(self.total_died)}
         for name, mask in self.masks.items():
             out[f"deepr/died/{name}"] = float(self.died[name])
@@ -184,7 +181,7 @@ class DeepR(SparsityMethod):
         return out
 
     def layer_targets(self) -> dict[str, float] | None:
-        return distribution_densities(self.params, self.config.density, self.config.distribution)
+        return self.scope.targets(self.config.density)
 
     def metrics(self) -> dict[str, float]:
         return {"deepr/died_total": float(self.total_died)}
@@ -233,14 +230,12 @@ class SoftDeepR(DeepR):
     def setup(self) -> None:
         """As Deep R; dormant connections start at theta ~ U(theta_min, 0) (Bellec's initialisation)."""
         super().setup()
-        assert self.masks is not None
         self.theta = {}
         for name, param in self.params.items():
             start = seeded_uniform(param, self.context.seed, 0, f"deepr/theta0/{name}").to(param.dtype) * self.theta_min
             self.theta[name] = torch.where(self.masks[name], self.signs[name] * param.detach(), start)
 
     def rewire(self, step: int, name: str, weight: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.masks is not None
         mask, sign = self.masks[name], self.signs[name]
         theta = torch.where(mask, sign * weight, self.theta[name])          # active ones took the optimizer's step
         theta = self.theta_step(step, name, theta, mask, lr).clamp_min(self.theta_min)

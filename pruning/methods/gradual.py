@@ -14,43 +14,40 @@ weight that comes back gets that stored value, with fresh optimizer state.
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from pruning.masks import MaskSet
-from pruning.methods.base import MethodConfig, MethodContext, SparsityMethod, register_method
+from pruning.methods.base import MaskedMethod, MethodConfig, MethodContext, register_method
 from pruning.schedules import LinearConfig, Schedule, ScheduleConfig, build_schedule
-from pruning.selection import global_top_k, keep_top_k, keep_top_k_per_row
+from pruning.scopes import Scope, build_scope, shapes_of
 
 WeightScope = Literal["unit", "layer", "global"]
-WEIGHT_SCOPES = ("unit", "layer", "global")
+WEIGHT_SCOPES = {"unit": "row", "layer": "layer", "global": "global"}   # config word -> registered scope
 
 
-def keep_count(fraction_kept: float, size: int) -> int:
-    """round(density * size), the exact budget every scope uses."""
-    return int(round(fraction_kept * size))
+class ScheduledPruning(MaskedMethod, abc.ABC):
+    """Masks changed at prune times by magnitude; holds the stored values of pruned weights when they may come back.
 
-
-class ScheduledPruning(SparsityMethod, abc.ABC):
-    """Masks changed at prune times; holds the stored values of pruned weights when they may come back.
-
-    Subclasses say when and how far to prune (``prune_at``), picking weights with ``select_weights`` or their own
-    scores; this class applies the masks through the MaskSet, keeps the stored values and checks exact targets.
+    Subclasses say when and how far to prune (``prune_at``); the scope named by the config's ``scope`` (through
+    ``scope_names``) turns magnitudes into masks with exact budgets and checks them; this class applies the masks
+    through the MaskSet and keeps the stored values.
     """
+
+    scope_names: ClassVar[dict[str, str]] = WEIGHT_SCOPES
 
     def __init__(self, config: MethodConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                  context: MethodContext) -> None:
         super().__init__(config, model, optimizer, context)
         self.total_steps = context.total_steps
+        word = getattr(self.config, "scope")   # every scheduled method's config names its scope
+        self.scope: Scope = build_scope(self.scope_names[word], shapes_of(self.params))
         self.stored: dict[str, torch.Tensor] | None = None
         self.target = 0.0   # sparsity of the latest prune
 
     # ------------------------------------------------------------ hooks
     def setup(self) -> None:
-        self.masks = MaskSet(self.params)
         if self.keeps_values():
             self.stored = {name: torch.zeros_like(p) for name, p in self.params.items()}
         self.prune_at(0)
@@ -69,69 +66,23 @@ class ScheduledPruning(SparsityMethod, abc.ABC):
     # -------------------------------------------------------- selection
     def effective_weights(self) -> dict[str, torch.Tensor]:
         """Live weights where kept, stored values where pruned (zero when nothing is stored)."""
-        assert self.masks is not None
         out = {}
         for name, p in self.params.items():
             w = p.detach()
             out[name] = torch.where(self.masks[name], w, self.stored[name]) if self.stored is not None else w
         return out
 
-    def magnitude_scores(self, carry: bool) -> dict[str, torch.Tensor]:
-        """|W| (stored values for pruned weights); with ``carry`` pruned weights score -inf so they stay pruned."""
-        assert self.masks is not None
+    def prune(self, sparsity: float, carry: bool, target: float | None = None) -> None:
+        """Keep the largest |W| (stored values for pruned weights) at ``sparsity`` with the scope's exact budgets;
+        with ``carry`` pruned weights score -inf and budgets never exceed what is kept, so masks only shrink.
+        ``target``: the sparsity to report, when it is not ``sparsity`` itself."""
         scores = {name: w.abs() for name, w in self.effective_weights().items()}
-        if carry:
-            scores = {name: s.masked_fill(~self.masks[name], -math.inf) for name, s in scores.items()}
-        return scores
-
-    def select_weights(self, sparsity: float, scope: WeightScope, carry: bool) -> dict[str, torch.Tensor]:
-        """Masks keeping the largest magnitudes at ``sparsity``; with ``carry`` budgets never exceed what is kept."""
-        assert self.masks is not None
-        scores = self.magnitude_scores(carry)
-        density = 1.0 - sparsity
-        if scope == "global":
-            total = sum(s.numel() for s in scores.values())
-            k = keep_count(density, total)
-            if carry:
-                k = min(k, sum(int(m.sum()) for _, m in self.masks.items()))
-            return global_top_k(scores, k)
-        new = {}
-        for name, score in scores.items():
-            mask = self.masks[name]
-            if scope == "layer":
-                k = keep_count(density, score.numel())
-                new[name] = keep_top_k(score, min(k, int(mask.sum())) if carry else k)
-            else:
-                rows = score.reshape(score.shape[0], -1)
-                k = torch.full((rows.shape[0],), keep_count(density, rows.shape[1]), device=score.device)
-                if carry:
-                    k = torch.minimum(k, mask.reshape(rows.shape).sum(1))
-                new[name] = keep_top_k_per_row(rows, k).reshape(score.shape)
-        return new
-
-    def weight_counts(self, sparsity: float, scope: WeightScope) -> tuple[list[int], list[int]]:
-        """(kept, target) counts per group of the scope: per row, per layer, or one global count."""
-        assert self.masks is not None
-        density = 1.0 - sparsity
-        if scope == "global":
-            total = sum(m.numel() for _, m in self.masks.items())
-            return [sum(int(m.sum()) for _, m in self.masks.items())], [keep_count(density, total)]
-        kept: list[int] = []
-        target: list[int] = []
-        for _, mask in self.masks.items():
-            if scope == "layer":
-                kept.append(int(mask.sum()))
-                target.append(keep_count(density, mask.numel()))
-            else:
-                rows = mask.reshape(mask.shape[0], -1)
-                kept += rows.sum(1).tolist()
-                target += [keep_count(density, rows.shape[1])] * rows.shape[0]
-        return kept, target
+        kept = dict(self.masks.items()) if carry else None
+        self.apply_masks(self.scope.select(scores, 1.0 - sparsity, kept), sparsity if target is None else target)
 
     # ---------------------------------------------------------- applying
     def apply_masks(self, new: dict[str, torch.Tensor], sparsity: float) -> None:
         """Store the values of newly pruned weights, then change the masks (regrown weights get stored values)."""
-        assert self.masks is not None
         if self.stored is not None:
             with torch.no_grad():
                 for name, mask in new.items():
@@ -140,14 +91,10 @@ class ScheduledPruning(SparsityMethod, abc.ABC):
         self.masks.update(new, optimizer=self.optimizer, grow_values=self.stored)
         self.target = sparsity
 
-    def check_exact(self, kept: list[int], target: list[int]) -> None:
-        """At the end the target must hold exactly: a shortfall is a bug, not an approximation."""
-        if kept != target:
-            wrong = next(i for i, (a, b) in enumerate(zip(kept, target)) if a != b)
-            raise RuntimeError(f"{self.name} missed its final target: group {wrong} keeps {kept[wrong]} weights, "
-                               f"the target is {target[wrong]} (sparsity {self.target})")
-
     # ------------------------------------------------------------ reporting
+    def layer_targets(self) -> dict[str, float] | None:
+        return self.scope.targets(1.0 - self.target)
+
     def metrics(self) -> dict[str, float]:
         return {"target_sparsity": self.target}
 
@@ -191,6 +138,15 @@ class OnSchedule(ScheduledPruning):
     def keeps_values(self) -> bool:
         return not self.config.carry_mask
 
+    def prune_at(self, t: int) -> None:
+        """At the schedule's prune times: prune to its sparsity; at ``end`` the budgets must hold exactly."""
+        if not self.schedule.is_prune_step(t):
+            return
+        sparsity = self.schedule.sparsity(t)
+        self.prune(sparsity, self.config.carry_mask)
+        if t == self.schedule.end:
+            self.check_budget(self.scope, 1.0 - sparsity)
+
 
 @dataclass
 class GradualConfig(OnScheduleConfig):
@@ -210,17 +166,3 @@ class GradualMagnitude(OnSchedule):
 
     Config = GradualConfig
     config: GradualConfig
-
-    def prune_at(self, t: int) -> None:
-        if not self.schedule.is_prune_step(t):
-            return
-        cfg = self.config
-        sparsity = self.schedule.sparsity(t)
-        self.apply_masks(self.select_weights(sparsity, cfg.scope, cfg.carry_mask), sparsity)
-        if t == self.schedule.end:
-            self.check_exact(*self.weight_counts(sparsity, cfg.scope))
-
-    def layer_targets(self) -> dict[str, float] | None:
-        if self.config.scope == "global":
-            return None
-        return {name: 1.0 - self.target for name in self.params}

@@ -169,7 +169,6 @@ class HashedNet(SparsityMethod):
                  context: MethodContext) -> None:
         super().__init__(config, model, optimizer, context)
         self.ties = {name: tie for name, (tie, _) in tied_layers(model).items()}
-        self.masks = None
         self.checksum = self._checksum()
 
     def target_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:

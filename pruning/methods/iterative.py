@@ -22,39 +22,16 @@ shrink and a pruned weight never comes back (nothing is stored for it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from pruning.methods.base import MethodConfig, MethodContext, RunFacts, register_method
 from pruning.methods.gradual import ScheduledPruning
+from pruning.timing import FRACTION_KINDS, FractionKind, IterativePrunes
 
-FractionKind = Literal["exponential", "cubic"]
-FRACTION_KINDS = ("exponential", "cubic")
 IterativeScope = Literal["layer", "global"]
-ITERATIVE_SCOPES = ("layer", "global")
-
-
-def density_after(k: int, n: int, s: float, kind: str) -> float:
-    """Density d_{k+1} once prunes 0..k of n are done (k = -1: before any prune, 1.0); exactly 1 - s at k = n - 1."""
-    if not -1 <= k < n:
-        raise ValueError(f"prune index k must be in [-1, {n - 1}] for n = {n} prunes, got {k}")
-    if kind not in FRACTION_KINDS:
-        raise ValueError(f"fraction must be one of {', '.join(FRACTION_KINDS)}, got {kind!r}")
-    if k == -1:
-        return 1.0
-    if k == n - 1:
-        return 1.0 - s          # the same float every exact-count check uses
-    if kind == "exponential":
-        return (1.0 - s) ** ((k + 1) / n)
-    return 1.0 - s + s * (1.0 - (k + 1) / n) ** 3
-
-
-def per_prune_fraction(k: int, n: int, s: float, kind: str) -> float:
-    """f_k: the share of the weights still kept that prune k (0-based) removes."""
-    if not 0 <= k < n:
-        raise ValueError(f"prune index k must be in [0, {n - 1}] for n = {n} prunes, got {k}")
-    return 1.0 - density_after(k, n, s, kind) / density_after(k - 1, n, s, kind)
+ITERATIVE_SCOPES = {"layer": "layer", "global": "global"}   # config word -> registered scope
 
 
 @dataclass
@@ -112,66 +89,51 @@ class IterativePruning(ScheduledPruning):
 
     Config = IterativeConfig
     config: IterativeConfig
+    scope_names: ClassVar[dict[str, str]] = ITERATIVE_SCOPES
 
     def __init__(self, config: MethodConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                  context: MethodContext) -> None:
         super().__init__(config, model, optimizer, context)
         self.config.check_epochs(context.epochs)
-        spe = max(1, context.steps_per_epoch)
         cfg = self.config
-        self.times = [(cfg.start_epoch + j * cfg.every_epochs) * spe for j in range(cfg.prunes)]
+        self.prunes = IterativePrunes(cfg.final_sparsity, cfg.prunes, cfg.every_epochs, cfg.start_epoch, cfg.fraction,
+                                      context.steps_per_epoch)
         self.prunes_done = 0
         self.last_fraction = 0.0     # realised share of the kept weights that the latest prune removed
 
     def keeps_values(self) -> bool:
         return False
 
-    # ------------------------------------------------------------ schedule
-    def prune_times(self) -> list[int]:
-        """Steps done (t) at each prune, in order."""
-        return list(self.times)
-
-    def target_density(self, k: int) -> float:
-        """d_{k+1} for this config (k = -1: dense)."""
-        cfg = self.config
-        return density_after(k, cfg.prunes, cfg.final_sparsity, cfg.fraction)
-
     # ------------------------------------------------------------ pruning
     def prune_at(self, t: int) -> None:
-        if t not in self.times:
+        k = self.prunes.index(t)
+        if k is None:
             return
-        k = self.times.index(t)
         cfg = self.config
         last = k == cfg.prunes - 1
-        density = self.target_density(k)
-        assert self.masks is not None
+        density = self.prunes.density(k)
         before = sum(int(m.sum()) for _, m in self.masks.items())
-        with torch.no_grad():
-            new = self.select_weights(1.0 - density, cfg.scope, carry=True)   # kept weights only: never regrow
-        self.apply_masks(new, cfg.final_sparsity if last else 1.0 - density)
+        with torch.no_grad():   # kept weights only: never regrow
+            self.prune(1.0 - density, carry=True, target=cfg.final_sparsity if last else 1.0 - density)
         after = sum(int(m.sum()) for _, m in self.masks.items())
         self.prunes_done = k + 1
         self.last_fraction = 1.0 - after / before if before else 0.0
         if last:
-            self.check_exact(*self.weight_counts(cfg.final_sparsity, cfg.scope))
+            self.check_budget(self.scope, 1.0 - cfg.final_sparsity)
         event = {"iterative/prune": float(k + 1), "iterative/target_density": density,
                  "iterative/density": after / sum(m.numel() for _, m in self.masks.items()),
-                 "iterative/fraction": self.last_fraction,
-                 "iterative/fraction_target": per_prune_fraction(k, cfg.prunes, cfg.final_sparsity, cfg.fraction)}
+                 "iterative/fraction": self.last_fraction, "iterative/fraction_target": self.prunes.fraction(k)}
         event.update({f"iterative/layer_density/{name}": int(m.sum()) / m.numel() for name, m in self.masks.items()})
         self.record(t, event)
 
     # ------------------------------------------------------------ reporting
     def layer_targets(self) -> dict[str, float] | None:
-        if self.config.scope == "global":
-            return None
-        density = self.target_density(self.prunes_done - 1)
-        return {name: density for name in self.params}
+        return self.scope.targets(self.prunes.density(self.prunes_done - 1))
 
     def metrics(self) -> dict[str, float]:
         out = super().metrics()
         out.update({"iterative/prunes_done": float(self.prunes_done),
-                    "iterative/target_density": self.target_density(self.prunes_done - 1),
+                    "iterative/target_density": self.prunes.density(self.prunes_done - 1),
                     "iterative/last_fraction": self.last_fraction})
         return out
 

@@ -10,16 +10,17 @@ The rewind weights travel in the method state, so they reach every later level a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from pruning.masks import MaskSet
-from pruning.methods.base import MethodConfig, MethodContext, SparsityMethod, register_method
+from pruning.methods.base import MaskedMethod, MethodConfig, MethodContext, register_method
 from pruning.schedules import Time, check_time, to_steps
-from pruning.selection import global_top_k, keep_top_k
+from pruning.scopes import Scope, build_scope, shapes_of
+from pruning.timing import LevelDensity
+
+LOTTERY_SCOPES = {"global": "global", "layer": "layer"}   # config word -> registered scope
 
 
 @dataclass
@@ -42,7 +43,7 @@ class LotteryConfig(MethodConfig):
         if not 0.0 < self.prune_fraction < 1.0:
             raise ValueError(f"prune_fraction must be in (0, 1) (the share of remaining weights pruned per level), "
                              f"got {self.prune_fraction}")
-        if self.scope not in ("global", "layer"):
+        if self.scope not in LOTTERY_SCOPES:
             raise ValueError(f"scope must be global or layer, got {self.scope!r}")
         if self.rewind_step is not None:
             check_time("rewind_step", self.rewind_step, zero_ok=True)
@@ -54,7 +55,7 @@ class LotteryConfig(MethodConfig):
 
 
 @register_method("lottery_level")
-class LotteryLevel(SparsityMethod):
+class LotteryLevel(MaskedMethod):
     """A fixed mask for a whole level; level 0 is dense and records the rewind weights."""
 
     Config = LotteryConfig
@@ -69,13 +70,14 @@ class LotteryLevel(SparsityMethod):
         if self.rewind_at is not None and self.rewind_at > total:
             raise ValueError(f"rewind_step ({self.rewind_at} steps) is after a level's last step ({total})")
         self.rewind: dict[str, torch.Tensor] | None = None
+        self.scope: Scope = build_scope(LOTTERY_SCOPES[self.config.scope], shapes_of(self.params))
+        self.levels = LevelDensity(self.config.prune_fraction)
 
     def density(self) -> float:
         """Fraction kept at this level: (1 - prune_fraction)^level."""
-        return (1.0 - self.config.prune_fraction) ** self.config.level
+        return self.levels.at(self.config.level)
 
     def setup(self) -> None:
-        self.masks = MaskSet(self.params)
         if self.config.previous is None:
             if self.rewind_at == 0:
                 self._capture()
@@ -89,31 +91,13 @@ class LotteryLevel(SparsityMethod):
         if self.rewind_at is not None and self.rewind is None:
             raise ValueError("rewind_step is set but level 0 recorded no rewind weights; keep rewind_step the same "
                              "across levels")
-        scores = {name: trained[name].abs().masked_fill(~kept[name], -math.inf) for name in self.params}
-        new = self._select(scores)
+        # the largest trained |W| among the weights the previous level kept: masks nest
+        new = self.scope.select({name: trained[name].abs() for name in self.params}, self.density(), kept)
         start = self.rewind if self.rewind_at is not None else trained
         self.model.load_state_dict(start)
         self.masks.update({name: m.to(self.params[name].device) for name, m in new.items()},
                           optimizer=self.optimizer)
-        self._check_exact()
-
-    def _select(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Keep exactly the target count of the largest scores (previously pruned weights score -inf)."""
-        if self.config.scope == "global":
-            total = sum(s.numel() for s in scores.values())
-            return global_top_k(scores, round(self.density() * total))
-        return {name: keep_top_k(s, round(self.density() * s.numel())) for name, s in scores.items()}
-
-    def _check_exact(self) -> None:
-        assert self.masks is not None
-        kept = [int(m.sum()) for _, m in self.masks.items()]
-        sizes = [m.numel() for _, m in self.masks.items()]
-        if self.config.scope == "global":
-            kept, target = [sum(kept)], [round(self.density() * sum(sizes))]
-        else:
-            target = [round(self.density() * n) for n in sizes]
-        if kept != target:
-            raise RuntimeError(f"lottery level {self.config.level} keeps {kept}, the target is {target}")
+        self.check_budget(self.scope, self.density())
 
     def after_step(self, step: int) -> None:
         if self.config.previous is None and self.rewind_at == step + 1:
@@ -124,7 +108,7 @@ class LotteryLevel(SparsityMethod):
         self.rewind = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def layer_targets(self) -> dict[str, float] | None:
-        return {name: self.density() for name in self.params} if self.config.scope == "layer" else None
+        return self.scope.targets(self.density())
 
     def metrics(self) -> dict[str, float]:
         return {"lottery_level": float(self.config.level), "target_density": self.density()}

@@ -9,16 +9,16 @@ not prunable parameters and stay as they are.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from pruning.masks import MaskSet
 from pruning.methods.base import register_method
 from pruning.methods.snip import DataScoredConfig, DataScoredPruning
-from pruning.scores import (input_sizes, keep_top_units, mean_loss_gradient, scoring_mode, snip_scores,
-                            unit_compute, unit_scores)
+from pruning.scores import input_sizes, mean_loss_gradient, scoring_mode, snip_scores, unit_compute
+
+STRUCTURED_SCOPES = {"global": "neuron_fit"}   # one ranking over all units, a budget in weights
 
 
 @dataclass
@@ -29,7 +29,7 @@ class StructuredSNIPConfig(DataScoredConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.scope != "global":
+        if self.scope not in STRUCTURED_SCOPES:
             raise ValueError("scope must be global for structured_snip (one ranking over all units)")
         if self.iterations != 1:
             raise ValueError(f"iterations must be 1 for structured_snip (one-shot), got {self.iterations}")
@@ -41,6 +41,7 @@ class StructuredSNIP(DataScoredPruning):
 
     Config = StructuredSNIPConfig
     config: StructuredSNIPConfig
+    scope_names: ClassVar[dict[str, str]] = STRUCTURED_SCOPES
 
     def scores(self, iteration: int) -> dict[str, torch.Tensor]:
         """Per-weight SNIP saliency (the unit ranking is built from it in ``setup``)."""
@@ -49,8 +50,8 @@ class StructuredSNIP(DataScoredPruning):
         return snip_scores(self.params, grads)
 
     def unit_scores(self) -> dict[str, torch.Tensor]:
-        """One score per output unit of every prunable layer."""
-        units = unit_scores(self.scores(1))
+        """One score per output unit of every prunable layer: the L2 norm of its saliencies (the scope's unit)."""
+        units = {name: self.scope.unit_scores(name, s) for name, s in self.scores(1).items()}
         if self.config.normalise_compute:
             sample = self.scoring_batches()[0][0] if self.scoring_batches() else None
             if sample is None:
@@ -61,21 +62,9 @@ class StructuredSNIP(DataScoredPruning):
         return units
 
     def setup(self) -> None:
-        self.masks = MaskSet(self.params)
         try:
             units = self.unit_scores()
         finally:
             self._scoring = None
-        unit_size = {name: math.prod(p.shape[1:]) for name, p in self.params.items()}
-        total = sum(p.numel() for p in self.params.values())
-        kept_units = keep_top_units(units, unit_size, round(self.config.density * total))
-        new = {name: keep.view(-1, *([1] * (p.dim() - 1))).expand_as(p)
-               for (name, p), keep in zip(self.params.items(), kept_units.values())}
-        self.masks.update(new, optimizer=self.optimizer)
-        self._check_budget(unit_size, round(self.config.density * total))
-
-    def _check_budget(self, unit_size: dict[str, int], budget: int) -> None:
-        """Kept weights must fit the budget and miss it by less than the largest unit (whole units only)."""
-        kept = sum(int(m.sum()) for _, m in self.masks.items())
-        if not budget - max(unit_size.values()) < kept <= budget:
-            raise RuntimeError(f"structured_snip kept {kept} weights for a budget of {budget}")
+        self.masks.update(self.scope.select_units(units, self.config.density), optimizer=self.optimizer)
+        self.check_budget(self.scope, self.config.density)
