@@ -90,13 +90,38 @@ def _implementation(cfg: OptimConfig, model: nn.Module) -> dict[str, bool]:
     return {"fused": True} if choice == "fused" else {"foreach": choice == "foreach"}
 
 
+class ZeroMomentumFirst:
+    """Give fused SGD zero momentum buffers before its first step, then unhook itself.
+
+    torch's fused SGD allocates the buffers uninitialised (``torch.empty``) and fills them on its first step; when
+    the fp16 loss scaler skips that step the buffers stay garbage, and the next step writes it into every weight,
+    pruned ones included. A zero buffer gives the same first update (0 * momentum + grad = grad, bit for bit).
+    Buffers are made for the parameters the optimizer holds at its first step, so under DeepSpeed they are its
+    flat partitions, not the module's parameters.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.handle = optimizer.register_step_pre_hook(self)
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                state = optimizer.state[param]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.handle.remove()
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The configured torch optimizer over the model's trainable parameters."""
     groups = _param_groups(model, cfg)
     kernel = _implementation(cfg, model)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay, **kernel)
+        sgd = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                              weight_decay=cfg.weight_decay, **kernel)
+        if kernel.get("fused") and cfg.momentum > 0:
+            ZeroMomentumFirst(sgd)
+        return sgd
     kind = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
     return kind(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, **kernel)
 

@@ -13,12 +13,13 @@ from typing import Any, Literal
 import torch
 
 import models
+from engine.backends.config import ParallelConfig
 from engine.checkpoint import CheckpointConfig
 from engine.config import apply_overrides, build, read_yaml
 from engine.data import DataConfig
+from engine.losses import check_loss
 from engine.monitor import MonitorConfig
 from engine.optim import LRScheduleConfig, OptimConfig
-from engine.parallel import ParallelConfig
 from pruning.methods import MethodConfig, RunFacts
 
 
@@ -43,6 +44,7 @@ class TrainConfig:
     channels_last: bool = False
     clip_grad_norm: float | None = None
     label_smoothing: float = 0.0
+    loss: str = "cross_entropy"              # a registered loss (engine.losses)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool | None = None        # None: deterministic on the CPU, fast kernels on CUDA
     max_steps_per_epoch: int | None = None   # cut epochs short (smoke runs, benchmarks)
@@ -62,6 +64,7 @@ class TrainConfig:
             raise ValueError(f"max_steps_per_epoch must be at least 1 or null, got {self.max_steps_per_epoch}")
         if self.eval_every_epochs < 1:
             raise ValueError(f"eval_every_epochs must be at least 1, got {self.eval_every_epochs}")
+        check_loss(self.loss)
 
 
 @dataclass
@@ -100,7 +103,8 @@ class RunConfig:
                 raise ValueError(f"lr_schedule.milestones has epoch {epoch} at or after train.epochs "
                                  f"({self.train.epochs}); drop it or train longer")
         self.sparsity.check_run(RunFacts(epochs=self.train.epochs, backend=self.parallel.backend,
-                                         zero_stage=self.parallel.zero_stage, precision=self.train.precision))
+                                         zero_stage=self.parallel.zero_stage, precision=self.train.precision,
+                                         val_fraction=self.data.val_fraction))
         if self.lr_schedule.warmup_epochs >= self.train.epochs:
             raise ValueError(f"lr_schedule.warmup_epochs ({self.lr_schedule.warmup_epochs}) must be shorter than "
                              f"train.epochs ({self.train.epochs})")

@@ -1,33 +1,41 @@
 """The training loop: build everything from the config, then a short loop with fixed hook points.
 
 forward, backward (gradients all-reduced by the backend), ``method.before_step`` (mask gradients), optimizer step,
-``method.after_step``; per epoch: evaluate, ``method.end_epoch``, log, checkpoint. A resumed run restores the same
-objects from the checkpoint and continues on the same curve. Nothing here is global, so a process (a Ray Tune
-worker, a test) can run ``train`` many times.
+``method.after_step``; per epoch: evaluate (test, and validation when ``data.val_fraction`` holds some out), the
+method's decision pass if it asks for one, ``method.end_epoch``, log, checkpoint, then the callbacks, which see the
+epoch's metrics and may stop the run. A resumed run restores the same objects from the checkpoint and continues on
+the same curve.
+
+Nothing here is global and nothing outlives a run: ``train`` closes the trainer and the backend on success and
+failure alike and restores the process-level flags it set, so a process (a Ray Tune worker, a notebook, a test) can
+call it many times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import fsspec
 import numpy as np
 import torch
 from torch import nn
 
-import models
+from engine.backends import Backend, DistEnv, build_backend, pick_device
+from engine.build import build_model
 from engine.checkpoint import Checkpointer, capture_rng, load_state, resolve_resume, restore_rng
 from engine.config import to_dict, write_yaml
-from engine.data import build_loaders
+from engine.data import Loaders, build_loaders
+from engine.losses import build_loss
 from engine.monitor import Monitor, format_run_summary
 from engine.optim import build_optimizer, build_schedule
-from engine.parallel import Backend, DistEnv, build_backend, pick_device
 from engine.run_config import RunConfig
 from pruning.masks import LayerStat, parameter_counts
-from pruning.methods import MethodContext, build_method, method_class
+from pruning.methods import DecisionPass, MethodContext, build_method, method_class
 
 CHECKPOINT_FORMAT = "sparsetrain/1"
 
@@ -67,28 +75,86 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Trainer:
-    """Owns the objects of one run; ``fit`` runs it and returns the summary."""
+class Callback(Protocol):
+    """Sees every epoch's metrics (train/*, val/*, test/* when evaluated, density, lr, epoch, step).
 
-    def __init__(self, cfg: RunConfig, backend: Backend) -> None:
+    Return True to stop the run after this epoch: it then ends as a finished run does (final checkpoint, summary).
+    """
+
+    def on_epoch_end(self, epoch: int, metrics: Mapping[str, float]) -> bool | None: ...
+
+
+class DeviceBatches:
+    """A loader's batches as the model sees them in the loop: on the device, normalised there when the loader
+    yields uint8 images (data.normalize_on_device), then channels_last if configured.
+
+    Callable, so it serves as ``MethodContext.batches`` for methods that score data (SNIP, GraSP): it holds the
+    loader, not the trainer, so no reference cycle runs through the trainer.
+    """
+
+    def __init__(self, loaders: Loaders, device: torch.device, channels_last: bool) -> None:
+        self.loader = loaders.train
+        self.normalize = loaders.device_normalize
+        self.device = device
+        self.channels_last = channels_last
+
+    def inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.to(self.device, non_blocking=True)
+        if self.normalize is not None:
+            inputs = self.normalize(inputs)
+        if self.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs
+
+    def __call__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return ((self.inputs(x), y.to(self.device, non_blocking=True)) for x, y in self.loader)
+
+
+@contextlib.contextmanager
+def restored_torch_flags() -> Iterator[None]:
+    """Put back the cudnn and deterministic-algorithm flags a run sets, whatever way it ends."""
+    benchmark = torch.backends.cudnn.benchmark
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+class Trainer:
+    """Owns the objects of one run; ``fit`` runs it and returns the summary; ``close`` releases what it opened."""
+
+    def __init__(self, cfg: RunConfig, backend: Backend, callbacks: Sequence[Callback] = ()) -> None:
         self.cfg = cfg
         self.backend = backend
         self.env = backend.env
         self.device = backend.device
+        self.callbacks = tuple(callbacks)
+        self.monitor: Monitor | None = None
         deterministic = cfg.train.deterministic if cfg.train.deterministic is not None else self.device.type == "cpu"
         torch.backends.cudnn.benchmark = not deterministic
         if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg.seed)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        cfg, backend = self.cfg, self.backend
 
         resume_url, run_dir = _resume_target(cfg) if cfg.resume else (None, None)
         self.run_dir: str = backend.broadcast_object(run_dir or (_new_run_dir(cfg) if self.env.is_main else None))
 
         self.loaders = build_loaders(cfg.data, seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
                                      device=self.device)
+        self.batches = DeviceBatches(self.loaders, self.device, cfg.train.channels_last)
         spec = self.loaders.spec
-        model = models.build_model(cfg.model.name, in_channels=spec.channels, image_size=spec.image_size,
-                                   num_classes=spec.num_classes, **cfg.model.options).to(self.device)
+        model = build_model(cfg.model, spec, self.device)
         batches = len(self.loaders.train) // cfg.train.grad_accum_steps
         if batches < 1:
             raise ValueError(f"the training set gives {len(self.loaders.train)} batches per rank, fewer than "
@@ -96,17 +162,20 @@ class Trainer:
         self.steps_per_epoch = min(batches, cfg.train.max_steps_per_epoch or batches)
         context = MethodContext(seed=cfg.seed, rank=self.env.rank, world_size=self.env.world_size,
                                 device=self.device, steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs,
-                                batches=self._scoring_batches,
+                                batches=self.batches,
                                 input_shape=(spec.channels, spec.image_size, spec.image_size))
-        model = method_class(cfg.sparsity.method).prepare_model(cfg.sparsity, model, context)
+        kind = method_class(cfg.sparsity.method)
+        model = kind.prepare_model(cfg.sparsity, model, context)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.optimizer = build_optimizer(model, cfg.optim)
+        optim_cfg = cfg.optim
+        self.optimizer = kind.make_optimizer(cfg.sparsity, model, lambda m: build_optimizer(m, optim_cfg))
         self.schedule = build_schedule(self.optimizer, cfg.lr_schedule, base_lr=cfg.optim.lr,
                                        steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs)
         self.method = build_method(cfg.sparsity, self.model, self.optimizer, context)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        self.criterion = build_loss(cfg.train.loss, cfg.train.label_smoothing)
+        self.eval_criterion = build_loss(cfg.train.loss)     # test and validation losses: no label smoothing
         self.monitor = Monitor(self.run_dir, enabled=self.env.is_main, tensorboard=cfg.monitor.tensorboard,
                                progress=cfg.monitor.progress)
         ckpt_dir = cfg.checkpoint.dir or _join(self.run_dir, "checkpoints")
@@ -115,6 +184,8 @@ class Trainer:
         self.step = 0
         self.best_acc = 0.0
         self.last_eval: dict[str, float] = {}
+        self.last_val: dict[str, float] = {}
+        self.stopped_early = False
         if resume_url is None:
             self.method.setup()     # before wrapping: at-init scorers see the plain model, DeepSpeed the pruned one
         self.module, self.optimizer = backend.prepare(model, self.optimizer, micro_batch_size=cfg.data.batch_size,
@@ -128,24 +199,9 @@ class Trainer:
         if self.env.is_main:
             write_yaml(to_dict(cfg), _join(self.run_dir, "config.yaml"))
 
-    # --------------------------------------------------------------- data
-    def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
-        """A batch as the model expects it: on the device, normalised there when the loader yields uint8 images
-        (data.normalize_on_device), then channels_last if configured."""
-        inputs = inputs.to(self.device, non_blocking=True)
-        if self.loaders.device_normalize is not None:
-            inputs = self.loaders.device_normalize(inputs)
-        if self.cfg.train.channels_last and inputs.dim() == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return inputs
-
-    def _scoring_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Training batches for methods that score data (SNIP, GraSP, ...): as the model sees them in the loop."""
-        return ((self._to_device(x), y.to(self.device)) for x, y in self.loaders.train)
-
     # --------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
-        """Train to the configured number of epochs; returns (and writes) the summary."""
+        """Train to the configured number of epochs (or until a callback stops the run); returns the summary."""
         started = time.perf_counter()
         cfg = self.cfg
         self._log_sparsity()
@@ -158,16 +214,70 @@ class Trainer:
                 sampler.set_epoch(self.epoch)
             train = self._train_epoch()
             last = self.epoch + 1 == cfg.train.epochs
-            if (self.epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
-                self.last_eval = self.evaluate()
-                self.best_acc = max(self.best_acc, self.last_eval["acc"])
+            self._evaluate_epoch(evaluate=(self.epoch + 1) % cfg.train.eval_every_epochs == 0 or last)
             self.method.end_epoch(self.epoch)
-            self.backend.attach_masks(self.method.masks)
             self.epoch += 1
-            self._log_epoch(train)
-            if self.epoch % cfg.checkpoint.every_epochs == 0 or (last and cfg.checkpoint.save_final):
+            metrics = self._log_epoch(train)
+            self.stopped_early = any([bool(c.on_epoch_end(self.epoch - 1, metrics)) for c in self.callbacks])
+            if self.stopped_early and not last:
+                self.monitor.print(f"stopped by a callback after epoch {self.epoch}")
+            finished = last or self.stopped_early
+            if self.epoch % cfg.checkpoint.every_epochs == 0 or (finished and cfg.checkpoint.save_final):
                 self.save_checkpoint()
+            if self.stopped_early:
+                break
         return self._finish(time.perf_counter() - started)
+
+    def _evaluate_epoch(self, evaluate: bool) -> None:
+        """Test and validation metrics when due, and the method's decision pass, sharing a pass where they can:
+        a decision pass over a split evaluated this epoch rides on that evaluation."""
+        request = self.method.decision_pass(self.epoch)
+        sums: dict[str, torch.Tensor] = {}
+        if evaluate:
+            self.last_eval = self.evaluate(self.loaders.test, probes=self._probes(request, "test", sums))
+            self.best_acc = max(self.best_acc, self.last_eval["acc"])
+            if self.loaders.val is not None:
+                self.last_val = self.evaluate(self.loaders.val, probes=self._probes(request, "val", sums))
+        if request is None:
+            return
+        if not sums:    # the pass's split was not evaluated this epoch: a pass of its own
+            self.evaluate(self._split_loader(request.split), probes=self._probes(request, request.split, sums))
+        request.decide(self._reduce_sums(request, sums))
+
+    @staticmethod
+    def _probes(request: DecisionPass | None, split: str, sums: dict[str, torch.Tensor]
+                ) -> dict[str, Any] | None:
+        """The request's probes if it is about ``split``, accumulating into ``sums``; else None."""
+        if request is None or request.split != split:
+            return None
+        return {"probes": request.probes, "sums": sums}
+
+    def _split_loader(self, split: str) -> Any:
+        loader = {"train": self.loaders.train, "val": self.loaders.val, "test": self.loaders.test}[split]
+        if loader is None:
+            raise ValueError(f"the method asks for a pass over the {split} split, which this run does not have; "
+                             "set data.val_fraction > 0 to hold out a validation split")
+        return loader
+
+    def _reduce_sums(self, request: DecisionPass, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum each probe's totals over ranks; a rank that saw no batch contributes zeros of the others' shape."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for seen in self.backend.all_gather_object({n: tuple(v.shape) for n, v in sums.items()}):
+            shapes.update(seen)
+        missing = [name for name in request.probes if name not in shapes]
+        if missing:
+            raise RuntimeError(f"the decision pass never ran the modules {missing[:3]}; probe modules that the "
+                               "forward pass calls")
+        names = list(request.probes)
+        flat = torch.cat([sums.get(n, torch.zeros(shapes[n], dtype=torch.float64, device=self.device)).reshape(-1)
+                          for n in names])
+        self.backend.all_reduce(flat)
+        out, start = {}, 0
+        for name in names:
+            size = int(np.prod(shapes[name]))
+            out[name] = flat[start:start + size].reshape(shapes[name])
+            start += size
+        return out
 
     def _train_epoch(self) -> dict[str, float]:
         cfg, backend = self.cfg.train, self.backend
@@ -179,7 +289,7 @@ class Trainer:
         desc = f"epoch {self.epoch + 1}/{self.cfg.train.epochs}"
         with self.monitor.progress(total=self.steps_per_epoch, desc=desc) as bar:
             for inputs, targets in self.loaders.train:
-                inputs = self._to_device(inputs)
+                inputs = self.batches.inputs(inputs)
                 targets = targets.to(self.device, non_blocking=True)
                 boundary = (micro + 1) % cfg.grad_accum_steps == 0
                 with backend.sync_context(boundary):
@@ -196,7 +306,6 @@ class Trainer:
                     continue
                 backend.step(self.optimizer, lambda: self.method.before_step(self.step), cfg.clip_grad_norm)
                 self.method.after_step(self.step)
-                backend.attach_masks(self.method.masks)   # a method may create its MaskSet late; no-op otherwise
                 for t, values in self.method.drain_events():      # per-update churn, thresholds, ...
                     self.monitor.scalars({f"method/{k}": v for k, v in values.items()}, t)
                 self.schedule.step()
@@ -215,28 +324,47 @@ class Trainer:
                 "samples_per_s": samples / elapsed}
 
     @torch.no_grad()
-    def evaluate(self, loader: Any = None) -> dict[str, float]:
-        """Loss and accuracy over the test set, summed over ranks (each rank evaluates its own shard)."""
+    def evaluate(self, loader: Any = None, probes: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Loss and accuracy over ``loader`` (the test set by default), summed over ranks (each rank evaluates its
+        own shard). ``probes`` (a decision pass): forward hooks that exist only during this pass."""
         model = self.model   # the unwrapped model: ranks may see different batch counts, DDP would hang
         was_training = model.training
         model.eval()
+        handles = self._attach_probes(probes) if probes is not None else []
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = 0
-        for inputs, targets in (loader or self.loaders.test):
-            inputs = self._to_device(inputs)
-            targets = targets.to(self.device, non_blocking=True)
-            with self.backend.autocast():
-                outputs = model(inputs)
-            loss_sum += nn.functional.cross_entropy(outputs.float(), targets, reduction="sum").double()
-            correct += (outputs.argmax(1) == targets).sum()
-            seen += targets.numel()
-        model.train(was_training)
+        try:
+            for inputs, targets in (loader or self.loaders.test):
+                inputs = self.batches.inputs(inputs)
+                targets = targets.to(self.device, non_blocking=True)
+                with self.backend.autocast():
+                    outputs = model(inputs)
+                loss_sum += self.eval_criterion(outputs.float(), targets).double() * targets.numel()
+                correct += (outputs.argmax(1) == targets).sum()
+                seen += targets.numel()
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
         totals = self.backend.all_reduce(torch.stack([loss_sum, correct.double(),
                                                       torch.tensor(float(seen), dtype=torch.float64,
                                                                    device=self.device)]))
         return {"loss": float(totals[0]) / max(1.0, float(totals[2])),
                 "acc": float(totals[1]) / max(1.0, float(totals[2]))}
+
+    def _attach_probes(self, probes: Mapping[str, Any]) -> list[Any]:
+        """Forward hooks adding each probe's vector of a module's output into ``probes['sums']`` (float64)."""
+        sums: dict[str, torch.Tensor] = probes["sums"]
+
+        def hook_for(name: str, probe: Any) -> Any:
+            def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+                value = probe(output.detach()).to(torch.float64)
+                sums[name] = value if name not in sums else sums[name] + value
+            return hook
+
+        return [self.model.get_submodule(name).register_forward_hook(hook_for(name, probe))
+                for name, probe in probes["probes"].items()]
 
     # ------------------------------------------------------------ logging
     def _density(self, stats: list[LayerStat] | None = None) -> float:
@@ -254,22 +382,28 @@ class Trainer:
         values.update({f"method/{k}": v for k, v in self.method.metrics().items()})
         self.monitor.scalars(values, self.step)
 
-    def _log_epoch(self, train: dict[str, float]) -> None:
+    def _log_epoch(self, train: dict[str, float]) -> dict[str, float]:
+        """Log the epoch to TensorBoard and the console; returns the metrics the callbacks see."""
         values = {"train/loss": train["loss"], "train/acc": train["acc"], "lr": self.schedule.lr,
                   "throughput/samples_per_s": train["samples_per_s"], "epoch": float(self.epoch)}
         if self.last_eval:
             values.update({"test/loss": self.last_eval["loss"], "test/acc": self.last_eval["acc"]})
+        if self.last_val:
+            values.update({"val/loss": self.last_val["loss"], "val/acc": self.last_val["acc"]})
         self.monitor.scalars(values, self.step)
         self._log_sparsity()
         test = f"test acc {100 * self.last_eval['acc']:.2f}%" if self.last_eval else "no eval"
+        val = f", val acc {100 * self.last_val['acc']:.2f}%" if self.last_val else ""
         self.monitor.print(f"epoch {self.epoch}/{self.cfg.train.epochs}: train loss {train['loss']:.4f} "
-                           f"acc {100 * train['acc']:.2f}%, {test}, {train['samples_per_s']:.0f} samples/s")
+                           f"acc {100 * train['acc']:.2f}%, {test}{val}, {train['samples_per_s']:.0f} samples/s")
+        return {**values, "density": self._density(), "step": float(self.step)}
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "model": self.backend.model_state_dict(),
                 "optimizer": self.backend.optimizer_state_dict(self.optimizer),
                 "lr_schedule": self.schedule.state_dict(),
+                "masks": self.method.masks.state_dict() if self.method.masks is not None else None,
                 "method": self.method.state_dict(), "backend": self.backend.state_dict(),
                 "rng": self.backend.all_gather_object(capture_rng()), "epoch": self.epoch, "step": self.step,
                 "best_test_acc": self.best_acc, "world_size": self.env.world_size, "config": to_dict(self.cfg)}
@@ -287,6 +421,9 @@ class Trainer:
         self.backend.load_model_state_dict(state["model"])
         self.backend.load_optimizer_state_dict(self.optimizer, state["optimizer"])
         self.schedule.load_state_dict(state["lr_schedule"])
+        if self.method.masks is not None:   # masks first: a method's own state may be checked against them
+            self.method.masks.load_state_dict(state["masks"])
+            self.method.masks.verify()
         self.method.load_state_dict(state["method"])
         self.backend.load_state_dict(state["backend"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
@@ -308,24 +445,40 @@ class Trainer:
                    "params_nonzero": nonzero, "epochs": self.epoch, "steps": self.step,
                    "world_size": self.env.world_size, "wall_time_s": wall_time, "method": self.cfg.sparsity.method,
                    "model": self.cfg.model.name, "data": self.cfg.data.name, "run_dir": self.run_dir,
+                   "stopped_early": self.stopped_early,
                    "layers": {s.name: {"numel": s.numel, "kept": s.kept, "nonzero": s.nonzero} for s in stats}}
+        if self.last_val:
+            summary.update({"val_acc": self.last_val["acc"], "val_loss": self.last_val["loss"]})
         if self.env.is_main:
             with fsspec.open(_join(self.run_dir, "summary.json"), "w") as handle:
                 json.dump(summary, handle, indent=2)
             self.monitor.print(format_run_summary(summary, self.run_dir, self.monitor.tensorboard_dir))
-        self.monitor.close()
         return summary
 
+    def close(self) -> None:
+        """Release what the run opened (the TensorBoard writer); safe to call twice and after a failed start."""
+        if self.monitor is not None:
+            self.monitor.close()
 
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run one training job in this process (one rank of it under torchrun); returns the summary."""
-    env = DistEnv.from_environ()
-    device = pick_device(cfg.train.device, env)
-    backend = build_backend(cfg.parallel, env, device, cfg.train.precision)
-    try:
-        summary = Trainer(cfg, backend).fit()
-        backend.barrier()   # rank 0 may still be writing: a rank that tears the group down early can abort gloo
-        return summary
-    finally:
-        backend.shutdown()
 
+def train(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Run one training job in this process (one rank of it under torchrun); returns the summary.
+
+    The trainer and the backend are closed, and the torch flags the run set restored, on every path: success, an
+    exception, or a callback's stop. A process group that the caller created survives the run.
+    """
+    with restored_torch_flags():
+        env = DistEnv.from_environ()
+        device = pick_device(cfg.train.device, env)
+        backend = build_backend(cfg.parallel, env, device, cfg.train.precision)
+        try:
+            trainer = Trainer(cfg, backend, callbacks)
+            try:
+                summary = trainer.fit()
+            finally:
+                trainer.close()
+                del trainer     # the wrapped model must die before the backend tears its process group down
+            backend.barrier()   # rank 0 may still be writing: a rank that tears the group down early can abort gloo
+            return summary
+        finally:
+            backend.shutdown()

@@ -50,7 +50,7 @@ def test_fsspec_memory_output_and_loadable_checkpoint() -> None:
     fs = fsspec.filesystem("memory")
     assert fs.exists("/sparsetrain-test-out/mem/summary.json")
     state = load_state(_latest(f"{out}/mem/checkpoints"))
-    masks = state["method"]["masks"]
+    masks = state["masks"]
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     assert kept == round(0.2 * total)
@@ -79,8 +79,8 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path: Path) -> None:
     straight, again = load_state(str(ckpts[2])), load_state(_latest(str(tmp_path / "full" / "checkpoints")))
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, again["model"][name]), name
-    for name, mask in straight["method"]["masks"].items():
-        assert torch.equal(mask, again["method"]["masks"][name])
+    for name, mask in straight["masks"].items():
+        assert torch.equal(mask, again["masks"][name])
     for index, state in straight["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], again["optimizer"]["state"][index]["momentum_buffer"])
     assert resumed["test_acc"] == full["test_acc"]
@@ -106,5 +106,5 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path: Path) -> None:
                   "train.precision=bf16", "train.channels_last=true", "train.epochs=1", "train.max_steps_per_epoch=3")
     assert summary["steps"] == 3 and 0.0 <= summary["test_acc"] <= 1.0
     state = load_state(_latest(str(tmp_path / "bf16" / "checkpoints")))
-    for name, mask in state["method"]["masks"].items():
+    for name, mask in state["masks"].items():
         assert (state["model"][name][~mask] == 0).all()
