@@ -18,6 +18,10 @@ long run pays. A measurement script, not a test.
 
     python3 -m benchmarks.throughput                                  # both models, batch 8, 6 rounds
     python3 -m benchmarks.throughput --models resnet50 --batch-size 32 --rounds 20 --channels-last
+    python3 -m benchmarks.throughput --device cuda --batch-size 256 --channels-last   # timed with CUDA events
+
+The device is CUDA when one is visible (``--device auto``), else the CPU; on CUDA every timing waits for the device
+(CUDA events, ``benchmarks.timing``), so the figures are work done, not launches queued.
 """
 
 import argparse
@@ -29,8 +33,8 @@ from torch import nn
 
 import models
 from benchmarks.timing import interleaved, median_seconds, ratio_stats
+from engine.backends import Backend, DistEnv
 from engine.optim import OptimConfig, build_optimizer
-from engine.parallel import Backend, DistEnv
 from pruning.agreement import seeded_generator
 from pruning.masks import MaskSet
 from pruning.methods import MethodContext, build_method
@@ -64,7 +68,7 @@ class Variant:
     def __init__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, args: argparse.Namespace,
                  sparse: bool, regrow: bool) -> None:
         self.model, self.inputs, self.targets, self.args, self.regrow = model, inputs, targets, args, regrow
-        self.backend = Backend(DistEnv(), torch.device("cpu"))
+        self.backend = Backend(DistEnv(), inputs.device)
         self.backend.wrap(model)
         self.optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4))
         self.method = None
@@ -98,9 +102,9 @@ class Variant:
 
 def build_variants(name: str, args: argparse.Namespace) -> dict[str, Variant]:
     torch.manual_seed(0)
-    base = models.build_model(name, in_channels=3, image_size=224, num_classes=CLASSES)
-    inputs = torch.randn(args.batch_size, 3, 224, 224)
-    targets = torch.randint(0, CLASSES, (args.batch_size,))
+    base = models.build_model(name, in_channels=3, image_size=224, num_classes=CLASSES).to(args.device)
+    inputs = torch.randn(args.batch_size, 3, 224, 224, device=args.device)
+    targets = torch.randint(0, CLASSES, (args.batch_size,), device=args.device)
     if args.channels_last and name.startswith("resnet"):
         base = base.to(memory_format=torch.channels_last)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -112,11 +116,12 @@ def measure(name: str, args: argparse.Namespace) -> None:
     """Interleaved rounds for one model; prints a table of images/s and ratios to dense."""
     variants = build_variants(name, args)
     names = list(variants)
-    times, _ = interleaved({label: variant.step for label, variant in variants.items()}, args.rounds, args.warmup)
+    times, _ = interleaved({label: variant.step for label, variant in variants.items()}, args.rounds, args.warmup,
+                           device=args.device)
     regrow = variants["regrow"]
-    choice = median_seconds(regrow.choose, args.update_repeats)
+    choice = median_seconds(regrow.choose, args.update_repeats, device=args.device)
     new = regrow.choose()
-    apply = median_seconds(lambda: regrow.apply(new), args.update_repeats)
+    apply = median_seconds(lambda: regrow.apply(new), args.update_repeats, device=args.device)
     update = choice + apply
     per_step_update = update / args.update_every
     dense = times["dense"]
@@ -148,9 +153,13 @@ def main() -> None:
     parser.add_argument("--update-repeats", type=int, default=5)
     parser.add_argument("--channels-last", action="store_true", help="ResNet weights and inputs in channels_last")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="auto", help="auto (cuda when visible, else cpu), cpu, cuda, cuda:N")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, SGD momentum 0.9 (fused kernel), fp32")
+    args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+        else torch.device(args.device)
+    print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, SGD momentum 0.9 "
+          "(fused kernel), fp32")
     for name in args.models.split(","):
         measure(name, args)
 
