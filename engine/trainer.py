@@ -218,7 +218,8 @@ class Trainer:
             self.method.end_epoch(self.epoch)
             self.epoch += 1
             metrics = self._log_epoch(train)
-            self.stopped_early = any([bool(c.on_epoch_end(self.epoch - 1, metrics)) for c in self.callbacks])
+            wants_stop = any([bool(c.on_epoch_end(self.epoch - 1, metrics)) for c in self.callbacks])
+            self.stopped_early = bool(self.backend.broadcast_object(wants_stop))   # rank 0 decides for every rank
             if self.stopped_early and not last:
                 self.monitor.print(f"stopped by a callback after epoch {self.epoch}")
             finished = last or self.stopped_early
@@ -233,14 +234,17 @@ class Trainer:
         a decision pass over a split evaluated this epoch rides on that evaluation."""
         request = self.method.decision_pass(self.epoch)
         sums: dict[str, torch.Tensor] = {}
+        evaluated = []
         if evaluate:
             self.last_eval = self.evaluate(self.loaders.test, probes=self._probes(request, "test", sums))
             self.best_acc = max(self.best_acc, self.last_eval["acc"])
+            evaluated.append("test")
             if self.loaders.val is not None:
                 self.last_val = self.evaluate(self.loaders.val, probes=self._probes(request, "val", sums))
+                evaluated.append("val")
         if request is None:
             return
-        if not sums:    # the pass's split was not evaluated this epoch: a pass of its own
+        if request.split not in evaluated:    # not evaluated this epoch: a pass of its own (the same on every rank)
             self.evaluate(self._split_loader(request.split), probes=self._probes(request, request.split, sums))
         request.decide(self._reduce_sums(request, sums))
 

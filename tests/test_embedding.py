@@ -7,6 +7,7 @@ leave the process as it found it and give the result it gives in a fresh process
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -175,3 +176,17 @@ def test_a_pass_over_a_missing_split_fails_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="val_fraction"):
         trainer.fit()
     trainer.close()
+
+
+def test_two_ranks_decide_from_the_same_sums_and_stop_together(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    overrides = [*TINY, f"output_dir={tmp_path}", "train.epochs=3", "data.val_fraction=0.25",
+                 "parallel.backend=ddp", "monitor.tensorboard=false"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "tests/decision_probe.py", str(tmp_path), *overrides], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["decided"] == ranks[1]["decided"] and len(ranks[0]["decided"]) == 3
+    assert ranks[0]["decided"][0][0] == ranks[0]["val_size"]       # every held-out sample, summed over both ranks
+    assert ranks[0]["epochs"] == ranks[1]["epochs"] == 3           # rank 1's wish to stop was not rank 0's
