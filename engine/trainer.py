@@ -36,6 +36,7 @@ from engine.optim import build_optimizer, build_schedule
 from engine.run_config import RunConfig
 from pruning.masks import LayerStat, parameter_counts
 from pruning.methods import DecisionPass, MethodContext, build_method, method_class
+from pruning.methods.base import Probe
 
 CHECKPOINT_FORMAT = "sparsetrain/1"
 
@@ -236,25 +237,23 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         evaluated = []
         if evaluate:
-            self.last_eval = self.evaluate(self.loaders.test, probes=self._probes(request, "test", sums))
+            self.last_eval = self.evaluate(self.loaders.test, probes=self._probes(request, "test"), sums=sums)
             self.best_acc = max(self.best_acc, self.last_eval["acc"])
             evaluated.append("test")
             if self.loaders.val is not None:
-                self.last_val = self.evaluate(self.loaders.val, probes=self._probes(request, "val", sums))
+                self.last_val = self.evaluate(self.loaders.val, probes=self._probes(request, "val"), sums=sums)
                 evaluated.append("val")
         if request is None:
             return
         if request.split not in evaluated:    # not evaluated this epoch: a pass of its own (the same on every rank)
-            self.evaluate(self._split_loader(request.split), probes=self._probes(request, request.split, sums))
+            self.evaluate(self._split_loader(request.split), probes=self._probes(request, request.split),
+                          sums=sums)
         request.decide(self._reduce_sums(request, sums))
 
     @staticmethod
-    def _probes(request: DecisionPass | None, split: str, sums: dict[str, torch.Tensor]
-                ) -> dict[str, Any] | None:
-        """The request's probes if it is about ``split``, accumulating into ``sums``; else None."""
-        if request is None or request.split != split:
-            return None
-        return {"probes": request.probes, "sums": sums}
+    def _probes(request: DecisionPass | None, split: str) -> Mapping[str, Probe] | None:
+        """The request's probes if it is about ``split``, else None."""
+        return request.probes if request is not None and request.split == split else None
 
     def _split_loader(self, split: str) -> Any:
         loader = {"train": self.loaders.train, "val": self.loaders.val, "test": self.loaders.test}[split]
@@ -328,13 +327,15 @@ class Trainer:
                 "samples_per_s": samples / elapsed}
 
     @torch.no_grad()
-    def evaluate(self, loader: Any = None, probes: Mapping[str, Any] | None = None) -> dict[str, float]:
+    def evaluate(self, loader: Any = None, probes: Mapping[str, Probe] | None = None,
+                 sums: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Loss and accuracy over ``loader`` (the test set by default), summed over ranks (each rank evaluates its
-        own shard). ``probes`` (a decision pass): forward hooks that exist only during this pass."""
+        own shard). ``probes`` (a decision pass): forward hooks, existing only during this pass, that add each probe's
+        vector of its module's output into ``sums``."""
         model = self.model   # the unwrapped model: ranks may see different batch counts, DDP would hang
         was_training = model.training
         model.eval()
-        handles = self._attach_probes(probes) if probes is not None else []
+        handles = self._attach_probes(probes, sums if sums is not None else {}) if probes is not None else []
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = 0
@@ -357,9 +358,8 @@ class Trainer:
         return {"loss": float(totals[0]) / max(1.0, float(totals[2])),
                 "acc": float(totals[1]) / max(1.0, float(totals[2]))}
 
-    def _attach_probes(self, probes: Mapping[str, Any]) -> list[Any]:
-        """Forward hooks adding each probe's vector of a module's output into ``probes['sums']`` (float64)."""
-        sums: dict[str, torch.Tensor] = probes["sums"]
+    def _attach_probes(self, probes: Mapping[str, Probe], sums: dict[str, torch.Tensor]) -> list[Any]:
+        """Forward hooks adding each probe's vector of a module's output into ``sums`` (float64)."""
 
         def hook_for(name: str, probe: Any) -> Any:
             def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
@@ -368,7 +368,7 @@ class Trainer:
             return hook
 
         return [self.model.get_submodule(name).register_forward_hook(hook_for(name, probe))
-                for name, probe in probes["probes"].items()]
+                for name, probe in probes.items()]
 
     # ------------------------------------------------------------ logging
     def _density(self, stats: list[LayerStat] | None = None) -> float:
