@@ -3,9 +3,30 @@
 Roles are a plain attribute on a layer so that the pruning code can decide per method which layers to exclude
 (stem, shortcut, classifier, ...) without models knowing anything about pruning. Untagged Conv2d/Linear layers are
 "body" layers.
+
+Initialisation schemes (the ``init`` option of every seed family: vgg*, resnet20..110, resnet18..152, wide_resnet,
+mlp; docs/models.md says which seed uses which):
+
+- ``default``: the family's own scheme, as documented on the family (unchanged by this option);
+- ``fan_in``: He-normal with fan_in on every conv and linear weight (``torch.nn.init.kaiming_normal_`` with its
+  defaults: std sqrt(2 / fan_in)), every conv and linear bias zero, norm weights 1 and biases 0. The Synaptic Flow
+  lottery VGGs and ResNets (open_lth's scheme);
+- ``uniform``: every conv and linear weight U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default weight
+  distribution), every conv and linear bias zero, norms 1 and 0. The DSR code's MLP (its sparse tensors' init);
+- ``xavier``: Xavier-normal on every conv and linear weight except 1x1 shortcut convs (role "shortcut"), which keep
+  PyTorch's constructor init like every bias does; norms 1 and 0. The Union Mask (`sparsity`) code's CIFAR ResNets.
+
+A non-default scheme replaces the family's default draw (it is not drawn on top of it), so a family built in the
+seed's layer order under the same torch seed draws the seed's weights.
 """
 
+import math
+from typing import Literal
+
 import torch.nn as nn
+
+Init = Literal["default", "fan_in", "uniform", "xavier"]
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
 
 ROLES = (
     "stem",  # the first layer that consumes the input
@@ -58,3 +79,34 @@ def require_positive(**values: int) -> None:
         if value < 1:
             raise ModelConfigError(f"option {key} must be >= 1, got {value}")
 
+
+
+def init_weights(model: nn.Module, init: Init) -> None:
+    """Apply a named scheme to every conv, linear and norm layer in module order; "default" leaves the model alone.
+
+    Families call it after construction instead of their own default init when ``init != "default"``.
+    """
+    if init == "default":
+        return
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            _init_layer(module, init)
+        elif isinstance(module, _NORMS) and module.weight is not None:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def _init_layer(layer: nn.Conv2d | nn.Linear, init: Init) -> None:
+    if init == "fan_in":
+        nn.init.kaiming_normal_(layer.weight)             # a=0, mode="fan_in": std sqrt(2 / fan_in)
+    elif init == "uniform":
+        fan_in = layer.weight[0].numel()
+        nn.init.uniform_(layer.weight, -1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+    elif init == "xavier":
+        if get_role(layer) != "shortcut":
+            nn.init.xavier_normal_(layer.weight)
+        return                                            # biases keep the constructor's draw
+    else:
+        raise ValueError(f"unknown init scheme {init!r}; valid: default, fan_in, uniform, xavier")
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)

@@ -2,6 +2,9 @@
 
 Bottlenecks put the stride on the 3x3 conv ("ResNet v1.5"), the variant every modern recipe trains. The `cifar` stem
 (3x3 stride 1, no max-pool) keeps small images (CIFAR, Tiny ImageNet) from being downsampled 4x before stage 1.
+resnet18 with the cifar stem is Synaptic Flow's Tiny ImageNet ResNet-18 (also used at CIFAR), resnet50 the DSR
+paper's ResNet-50 (docs/models.md). `init` (models/common.py): "default" is He-normal fan_out convs, identity BN and
+PyTorch's default linear (torchvision's scheme, and both seeds').
 """
 
 from typing import Callable, Literal
@@ -9,7 +12,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn as nn
 
-from models.common import init_conv_bn, require_positive, set_role
+from models.common import Init, init_conv_bn, init_weights, require_positive, set_role
 from models.registry import register_model
 
 Stem = Literal["imagenet", "cifar"]
@@ -106,6 +109,7 @@ class ResNet(nn.Module):
         stem: Stem = "imagenet",
         width_factor: int = 1,
         zero_init_residual: bool = False,
+        init: Init = "default",
     ) -> None:
         super().__init__()
         base = 64 * width_factor
@@ -126,7 +130,10 @@ class ResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = set_role(nn.Linear(in_planes, num_classes), "classifier")
-        init_conv_bn(self)
+        if init == "default":
+            init_conv_bn(self)
+        else:
+            init_weights(self, init)
         if zero_init_residual:
             zero_init_last_bn(self)
 
@@ -157,9 +164,10 @@ def _make_builder(name: str) -> Callable[..., nn.Module]:
         stem: Stem = "imagenet",
         width_factor: int = 1,
         zero_init_residual: bool = False,
+        init: Init = "default",
     ) -> nn.Module:
         require_positive(width_factor=width_factor)
-        return ResNet(block, layers, in_channels, num_classes, stem, width_factor, zero_init_residual)
+        return ResNet(block, layers, in_channels, num_classes, stem, width_factor, zero_init_residual, init)
 
     build.__doc__ = (
         f"{name}: stem 'imagenet' (7x7/2 + max-pool) or 'cifar' (3x3/1); width_factor k scales every width to "

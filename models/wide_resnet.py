@@ -2,13 +2,15 @@
 
 depth = 6n + 4 with n blocks per stage and widths 16k, 32k, 64k. Like the reference code, a projection shortcut
 (a bare 1x1 conv, tagged "shortcut") reads the pre-activated input, and the network ends with BN-ReLU before pooling.
+WRN-28-2 is the DSR paper's model layer for layer. `init` (models/common.py): "default" is He-normal fan_out convs,
+identity BN, PyTorch's default linear weight and a zero linear bias (the DSR code's scheme).
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import ModelConfigError, init_conv_bn, require_positive, set_role
+from models.common import Init, ModelConfigError, init_conv_bn, init_weights, require_positive, set_role
 from models.registry import preset, register_model
 
 
@@ -38,7 +40,8 @@ class PreActBlock(nn.Module):
 class WideResNet(nn.Module):
     """3x3 stem conv (16 channels) -> 3 stages of pre-activation blocks -> BN-ReLU -> global pool -> linear."""
 
-    def __init__(self, depth: int, widen_factor: int, dropout: float, in_channels: int, num_classes: int) -> None:
+    def __init__(self, depth: int, widen_factor: int, dropout: float, in_channels: int, num_classes: int,
+                 init: Init = "default") -> None:
         super().__init__()
         blocks = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
@@ -55,8 +58,11 @@ class WideResNet(nn.Module):
         self.bn = nn.BatchNorm2d(widths[3])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = set_role(nn.Linear(widths[3], num_classes), "classifier")
-        init_conv_bn(self)
-        nn.init.zeros_(self.fc.bias)
+        if init == "default":
+            init_conv_bn(self)
+            nn.init.zeros_(self.fc.bias)
+        else:
+            init_weights(self, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
@@ -73,6 +79,7 @@ def wide_resnet(
     depth: int = 28,
     widen_factor: int = 2,
     dropout: float = 0.0,
+    init: Init = "default",
 ) -> nn.Module:
     """WRN-depth-widen_factor; dropout sits between the two convs of every block, as in the paper."""
     if depth < 10 or (depth - 4) % 6 != 0:
@@ -82,7 +89,7 @@ def wide_resnet(
     require_positive(widen_factor=widen_factor)
     if not 0.0 <= dropout < 1.0:
         raise ModelConfigError(f"option dropout must be in [0, 1), got {dropout}")
-    return WideResNet(depth, widen_factor, float(dropout), in_channels, num_classes)
+    return WideResNet(depth, widen_factor, float(dropout), in_channels, num_classes, init)
 
 
 register_model("wrn28_2")(preset(wide_resnet, depth=28, widen_factor=2))

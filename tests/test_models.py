@@ -160,14 +160,16 @@ def test_options_and_presets() -> None:
         "stem": (model_options("resnet18")["stem"][0], "imagenet"),
         "width_factor": (int, 1),
         "zero_init_residual": (bool, False),
+        "init": (model_options("resnet18")["init"][0], "default"),
     }
     assert model_options("wrn28_10")["widen_factor"] == (int, 10)
     assert model_options("vit_cifar")["activation"][1] == "relu"
     assert model_options("mlp")["hidden"] == (list[int], [300, 100])
     model_options("mlp")["hidden"][1][0] = 7  # a returned default is a copy
     assert model_options("mlp")["hidden"][1] == [300, 100]
-    assert model_options("resnet20") == {"width": (int, 16)}
-    assert model_options("vgg16") == {}
+    assert model_options("resnet20") == {"width": (int, 16), "init": (model_options("resnet20")["init"][0], "default")}
+    assert {key: default for key, (_, default) in model_options("vgg16").items()} == {
+        "variant": "lottery", "init": "default"}
     check_model_options("vit", {"mlp_ratio": 2, "dropout": 0, "activation": "relu", "patch_size": 8})
     check_model_options("mlp", {"hidden": [64, 32], "bias": False})
     assert build_model("resnet20", in_channels=3, image_size=32, num_classes=10, width=32).fc.in_features == 128
@@ -188,10 +190,10 @@ def test_duplicate_registration_fails() -> None:
 ERRORS = [
     ("resnet19", {}, 32, "unknown model 'resnet19'; did you mean 'resnet18'? valid: conv, lenet_300_100, mlp, "),
     ("resnet18", {"widht": 2}, 32,
-     "model resnet18 has no option 'widht'; valid options: stem, width_factor, zero_init_residual"),
+     "model resnet18 has no option 'widht'; valid options: init, stem, width_factor, zero_init_residual"),
     ("resnet18", {"width_factr": 2}, 32,
-     "model resnet18 has no option 'width_factr'; did you mean 'width_factor'? valid options: stem, "),
-    ("vgg16", {"width": 2}, 32, "model vgg16 has no option 'width'; valid options: (none)"),
+     "model resnet18 has no option 'width_factr'; did you mean 'width_factor'? valid options: init, stem, "),
+    ("vgg16", {"width": 2}, 32, "model vgg16 has no option 'width'; valid options: init, variant"),
     ("wide_resnet", {"depth": "28"}, 32, "model wide_resnet: option depth must be int, got str"),
     ("wide_resnet", {"depth": True}, 32, "model wide_resnet: option depth must be int, got bool"),
     ("wide_resnet", {"dropout": "0.3"}, 32, "model wide_resnet: option dropout must be float, got str"),
