@@ -1,12 +1,15 @@
-"""The layer-collapse experiment of the Synaptic Flow paper: VGG-16-BN at CIFAR-100 shape, no data, no training.
+"""The layer-collapse experiment of the Synaptic Flow paper: VGG-16-BN at CIFAR-100 shape, no training.
 
-For each method and compression (log10 of 1 / density) prune at init and record whether any prunable layer kept
-nothing; the critical compression is the largest tested one up to which no layer collapsed. Writes the JSON report,
-a PNG plot and prints a markdown table (used in docs/layer_collapse.md).
+For each method and compression (log10 of 1 / density) prune at init with the settings of a run config (by default
+``configs/synflow/vgg16_bn_cifar100.yaml``: the seed's model and initialisation, the reference's selection rule) and
+record whether any prunable layer kept nothing; the critical compression is the largest tested one up to which no
+layer collapsed. Writes the JSON report, a PNG plot and prints a markdown table (used in docs/layer_collapse.md).
+SNIP and GraSP score data: where the config's data set is not on disk, ``--scoring-data synthetic`` scores them on
+random images of the same shape and number of classes (the data-free methods do not read data at all).
 
-    python3 -m benchmarks.layer_collapse                                  # synflow, magnitude, random, 0:6:0.25
-    python3 -m benchmarks.layer_collapse --synflow-compressions 0:5:1,5.5,5.75,6     # what docs/ shows
-    python3 -m benchmarks.layer_collapse --init fan_in --methods magnitude,random --output docs/layer_collapse_fan_in
+    python3 -m benchmarks.layer_collapse                                   # every method, 0:6:0.25
+    python3 -m benchmarks.layer_collapse --synflow-compressions 0:5:0.5,5.25:6:0.25 --scoring-data synthetic
+    python3 -m benchmarks.layer_collapse model.options.init=default --methods magnitude --output /tmp/lc
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
 
-from engine.config import apply_overrides, build
-from engine.run_config import RunConfig
-from launcher.prune import critical_compression, parse_compressions, run_prune
+from engine.config import read_yaml
+from engine.data import data_shape
+from launcher.prune import critical_compression, parse_compressions, run_prune, split_config
 
 MAX_COMPRESSION_NOTE = "one weight per layer"
 
@@ -58,13 +60,6 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def he_fan_in(model: nn.Module) -> None:
-    """Re-initialise conv and linear weights He-normal (fan_in), the Synaptic Flow code's initialisation."""
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(module.weight)
-
-
 def plot(report: dict[str, Any], path: str) -> None:
     """Left: collapsed layers vs compression; right: smallest layer density vs compression."""
     import matplotlib
@@ -98,26 +93,37 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="vgg16_bn")
-    parser.add_argument("--data", default="cifar100")
-    parser.add_argument("--methods", default="synflow,magnitude,random")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the config, e.g. model.options.init=default")
+    parser.add_argument("--config", default="configs/synflow/vgg16_bn_cifar100.yaml")
+    parser.add_argument("--methods", default="magnitude,random,snip,grasp,synflow")
     parser.add_argument("--compressions", default="0:6:0.25")
     parser.add_argument("--synflow-compressions", default=None, help="a different list for synflow (it is slow)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--init", choices=("model", "fan_in"), default="model",
-                        help="model: the model's own init; fan_in: every conv and linear weight He-normal with "
-                             "fan_in, as the Synaptic Flow code initialises its models")
+    parser.add_argument("--scoring-data", choices=("config", "synthetic"), default="config",
+                        help="synthetic: score SNIP and GraSP on random images of the config's data shape")
     parser.add_argument("--output", default="docs/layer_collapse")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    cfg = build(RunConfig, apply_overrides({}, [f"model.name={args.model}", f"data.name={args.data}",
-                                                  f"seed={args.seed}", "train.device=cpu"]))
+    cfg, shared = split_config(args.config, [*args.overrides, "train.device=cpu"])
+    if args.scoring_data == "synthetic":
+        shape = data_shape(cfg.data)
+        samples = shared.get("samples_per_class", 10) * shape.num_classes
+        cfg, _ = split_config(args.config, [
+            *args.overrides, "train.device=cpu", "data.name=synthetic", "data.augment=none",
+            f"data.options={{image_size: {shape.input_shape[-1]}, num_classes: {shape.num_classes}, "
+            f"channels: {shape.input_shape[0]}, train_size: {4 * samples}, test_size: 2}}"])
+    config_method = read_yaml(args.config).get("sparsity", {}).get("method")
+
+    def settings(method: str) -> dict[str, Any]:
+        """The config's sparsity keys; its iteration count belongs to its own method only (the paper prunes SynFlow
+        in 100 iterations and every other method in one shot)."""
+        if method == config_method:
+            return shared
+        return {k: v for k, v in shared.items() if k != "iterations"}
+
     report: dict[str, Any] = {}
     started = time.perf_counter()
     for method in args.methods.split(","):
         text = args.synflow_compressions if method == "synflow" and args.synflow_compressions else args.compressions
-        part = run_prune(cfg, [method], parse_mixed(text), {}, log=lambda line: print(line, flush=True),
-                         prepare=he_fan_in if args.init == "fan_in" else None)
+        part = run_prune(cfg, [method], parse_mixed(text), settings(method), log=lambda line: print(line, flush=True))
         if not report:
             report = part
         else:
@@ -126,7 +132,9 @@ def main() -> None:
         result["critical_compression"] = critical_compression(result["runs"])
     report["wall_s"] = time.perf_counter() - started
     report["torch_threads"] = torch.get_num_threads()
-    report["init"] = args.init
+    report["config"] = args.config
+    report["overrides"] = args.overrides
+    report["scoring_data"] = args.scoring_data
     with open(f"{args.output}.json", "w") as handle:
         json.dump(report, handle, indent=2)
     plot(report, f"{args.output}.png")

@@ -104,10 +104,16 @@ def critical_compression(runs: Sequence[dict[str, Any]]) -> float | None:
 
 
 def prune_one(model: torch.nn.Module, initial: dict[str, torch.Tensor], name: str, compression: float,
-              shared: dict[str, Any], context: MethodContext) -> dict[str, Any]:
-    """Restore the initial weights, prune with one method at one compression, account per layer."""
+              shared: dict[str, Any], context: MethodContext,
+              cache: dict[int, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """Restore the initial weights, prune with one method at one compression, account per layer.
+
+    ``cache``: the method's scores of earlier compressions, reused when it prunes in one shot (its scores of the
+    initial weights do not depend on the density)."""
     model.load_state_dict(initial)
     method = build_method(method_config(name, 10.0 ** -compression, shared), model, None, context)
+    if cache is not None and isinstance(method, PruneAtInit) and method.config.iterations == 1:
+        method.score_cache = cache
     started = time.perf_counter()
     method.setup()
     seconds = time.perf_counter() - started
@@ -116,9 +122,9 @@ def prune_one(model: torch.nn.Module, initial: dict[str, torch.Tensor], name: st
     run = {"compression": compression, "target_density": 10.0 ** -compression, "density": kept / total,
            "kept": kept, "collapsed_layers": [s.name for s in stats if s.kept == 0], "seconds": seconds,
            "layers": {s.name: {"kept": s.kept, "density": s.density} for s in stats}}
-    note = getattr(method, "precision_note", None)
-    if note:
-        run["note"] = note
+    notes = [n for n in (getattr(method, "precision_note", None), getattr(method, "selection_note", None)) if n]
+    if notes:
+        run["note"] = "; ".join(notes)
     return run
 
 
@@ -153,8 +159,9 @@ def run_prune(cfg: RunConfig, names: Sequence[str], compressions: Sequence[float
                               "seed": cfg.seed, "shared_settings": shared, "methods": {}}
     for name in names:
         runs = []
+        cache: dict[int, dict[str, torch.Tensor]] = {}
         for compression in compressions:
-            run = prune_one(model, initial, name, compression, shared, context)
+            run = prune_one(model, initial, name, compression, shared, context, cache)
             runs.append(run)
             collapsed = len(run["collapsed_layers"])
             log(f"{name:>10} compression {compression:<5g} density {run['density']:.3e} "

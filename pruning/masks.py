@@ -99,7 +99,7 @@ class MaskSet:
             for name, p in self.params.items()
         }
         self._factors: dict[str, torch.Tensor] = {}
-        self._refresh_factors()
+        self._stale: set[str] = set(self.masks)   # layers whose gradient factor must be rebuilt before it is used
 
     # ----------------------------------------------------------------- access
     def __contains__(self, name: str) -> bool:
@@ -130,19 +130,20 @@ class MaskSet:
                 old = self.masks[name]
                 new = new.to(device=old.device, dtype=torch.bool).reshape(old.shape)
                 param = self.params[name]
-                dropped = old & ~new
-                grown = new & ~old
                 self.access.fill_(name, param, ~new)
-                n_grown, n_dropped = int(grown.sum()), int(dropped.sum())
+                changed = old ^ new                      # dropped | grown
+                n_changed = int(torch.count_nonzero(changed))
+                grown = new & changed if n_changed else None
+                n_grown = int(torch.count_nonzero(grown)) if grown is not None else 0
                 values = grow_values.get(name) if grow_values is not None and n_grown else None
                 if values is not None:
                     self.access.fill_(name, param, grown, values)
-                if optimizer is not None and (n_grown or n_dropped):
+                if optimizer is not None and n_changed:
                     # dropped too: momentum or Adam moments left there would move a pruned weight off zero
-                    self.access.zero_optimizer_state_(name, param, dropped | grown, optimizer)
+                    self.access.zero_optimizer_state_(name, param, changed, optimizer)
                 self.masks[name] = new.contiguous()
-                changes[name] = MaskChange(dropped=n_dropped, grown=n_grown)
-        self._refresh_factors(new_masks.keys())
+                changes[name] = MaskChange(dropped=n_changed - n_grown, grown=n_grown)
+        self._stale.update(new_masks.keys())
         if check:
             self.verify()
         return changes
@@ -173,6 +174,8 @@ class MaskSet:
 
     def mask_grads_(self) -> None:
         """Zero the gradients of pruned weights, in one fused pass over the layers that have any."""
+        if self._stale:
+            self._refresh_factors()
         self.access.mask_grads_(self.params, self._factors)
 
     def verify(self) -> None:
@@ -180,26 +183,29 @@ class MaskSet:
         device = next(iter(self.masks.values())).device if self.masks else None
         verify_agreement(self.masks, device=device)
 
-    def _refresh_factors(self, names: object = None) -> None:
-        """Keep a gradient-dtype copy of each mask that prunes anything; fully dense layers need no multiply."""
-        for name in (self.masks if names is None else names):
+    def _refresh_factors(self) -> None:
+        """Rebuild the gradient-dtype copy of each stale mask that prunes anything (fully dense layers need no
+        multiply). Lazy: a method that changes masks many times before a step (pruning at init's 100 iterations)
+        builds them once."""
+        for name in self._stale:
             mask = self.masks[name]
             if bool(mask.all()):
                 self._factors.pop(name, None)
             else:
                 param = self.params[name]
                 self._factors[name] = mask.to(param.dtype).to(memory_format=_memory_format(param))
+        self._stale.clear()
 
     # ----------------------------------------------------------- accounting
     def stats(self) -> list[LayerStat]:
         """Per-layer size, kept and non-zero counts."""
-        return [LayerStat(name, mask.numel(), int(mask.sum()), int(torch.count_nonzero(self.params[name])))
+        return [LayerStat(name, mask.numel(), int(torch.count_nonzero(mask)), int(torch.count_nonzero(self.params[name])))
                 for name, mask in self.masks.items()]
 
     def density(self) -> float:
         """Fraction of prunable weights the masks keep."""
         total = sum(m.numel() for m in self.masks.values())
-        return sum(int(m.sum()) for m in self.masks.values()) / total if total else 1.0
+        return sum(int(torch.count_nonzero(m)) for m in self.masks.values()) / total if total else 1.0
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -217,7 +223,7 @@ class MaskSet:
                 raise ValueError(f"saved mask for {name} has shape {tuple(mask.shape)}, the model has "
                                  f"{tuple(self.masks[name].shape)}; resume with the same model options")
             self.masks[name] = mask.to(device=self.masks[name].device, dtype=torch.bool).contiguous()
-        self._refresh_factors()
+        self._stale.update(state)
         self.apply_()
 
 

@@ -29,17 +29,22 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from pruning.agreement import seeded_generator
 from common.registry import Registry
-from pruning.selection import (Distribution, apportion, global_top_k, keep_top_k, keep_top_k_per_row, keep_top_units,
-                               layer_counts, layer_densities)
+from pruning.selection import (Distribution, apportion, global_prune_at_or_below, global_top_k, keep_top_k,
+                               keep_top_k_per_row, keep_top_units, layer_counts, layer_densities, prune_at_or_below)
 
 Masks = Mapping[str, torch.Tensor]
+SelectionRule = Literal["exact", "reference"]
+SELECTION_RULES: tuple[str, ...] = ("exact", "reference")
+"""exact: keep round(d * N) (per group), ties to the lowest index, checked exactly (the default). reference: the
+Synaptic Flow code's rule, prune every score at or below the k-th smallest with k = floor((1 - d) * N), pruned weights
+counting as score 0; ties at the threshold all go, so it may keep fewer than asked (reported, not checked)."""
 
 
 class BudgetError(RuntimeError):
@@ -139,21 +144,46 @@ class Scope(abc.ABC):
         return torch.equal(self.expand(name, self.unit_view(name, mask)), mask)
 
     # ------------------------------------------------------------ selection
-    def select(self, scores: Masks, density: float, kept: Masks | None = None) -> dict[str, torch.Tensor]:
-        """Full masks keeping the highest per-weight ``scores`` at ``density``; ``kept``: carry (see module)."""
-        return self.select_units({name: self.unit_scores(name, s) for name, s in scores.items()}, density, kept)
+    def select(self, scores: Masks, density: float, kept: Masks | None = None,
+               rule: SelectionRule = "exact") -> dict[str, torch.Tensor]:
+        """Full masks keeping the highest per-weight ``scores`` at ``density``; ``kept``: carry (see module);
+        ``rule``: see :data:`SELECTION_RULES`."""
+        units = {name: self.unit_scores(name, s) for name, s in scores.items()}
+        return self.select_units(units, density, kept, rule)
 
-    def select_units(self, scores: Masks, density: float, kept: Masks | None = None) -> dict[str, torch.Tensor]:
+    def select_units(self, scores: Masks, density: float, kept: Masks | None = None,
+                     rule: SelectionRule = "exact") -> dict[str, torch.Tensor]:
         """Full masks keeping the highest per-unit ``scores`` (flat, one per unit) at ``density``."""
         alive = None if kept is None else {name: self.unit_view(name, kept[name]).to(s.device)
                                            for name, s in scores.items()}
-        if alive is not None:
-            scores = {name: s.masked_fill(~alive[name], -math.inf) for name, s in scores.items()}
-        return {name: self.expand(name, keep) for name, keep in self.top(scores, density, alive).items()}
+        if rule == "reference":
+            chosen = self.top_at_or_below(scores, density, alive)
+        elif rule == "exact":
+            chosen = self.top(scores, density, alive)
+        else:
+            raise ValueError(f"selection rule must be one of {', '.join(SELECTION_RULES)}, got {rule!r}")
+        return {name: self.expand(name, keep) for name, keep in chosen.items()}
 
     @abc.abstractmethod
     def top(self, scores: Masks, density: float, alive: Masks | None) -> dict[str, torch.Tensor]:
-        """Per-unit keep masks at this scope's budgets, each capped by the units ``alive`` in its group."""
+        """Per-unit keep masks at this scope's budgets, each capped by the units ``alive`` in its group (units not
+        alive are never kept)."""
+
+    def top_at_or_below(self, scores: Masks, density: float, alive: Masks | None) -> dict[str, torch.Tensor]:
+        """Per-unit keep masks by the Synaptic Flow code's threshold rule (scopes with one ranking per group)."""
+        raise ValueError(f"selection: reference is the Synaptic Flow code's rule for one threshold over all layers "
+                         f"(global) or per layer (layer/local); the {self.name} scope has only the exact rule")
+
+    def at_or_below_counts(self, masks: Masks, density: float) -> Iterator[tuple[str, int, int]]:
+        """(group, units kept, what the reference rule keeps when no scores tie: N - floor((1 - d) N))."""
+        raise ValueError(f"the {self.name} scope has only the exact rule")
+
+    @staticmethod
+    def dead_last(scores: Masks, alive: Masks | None) -> Masks:
+        """Scores with the units not alive at -inf (for scopes that rank every unit)."""
+        if alive is None:
+            return scores
+        return {name: s.masked_fill(~alive[name], -math.inf) for name, s in scores.items()}
 
     # ------------------------------------------------------------ budgets
     @abc.abstractmethod
@@ -173,7 +203,7 @@ class Scope(abc.ABC):
 
     def kept_units(self, masks: Masks) -> dict[str, int]:
         """Units kept per layer."""
-        return {name: int(self.unit_view(name, mask).sum()) for name, mask in masks.items()}
+        return {name: int(torch.count_nonzero(self.unit_view(name, mask))) for name, mask in masks.items()}
 
 
 _SCOPES: Registry[type[Scope]] = Registry("selection scope", "scope")
@@ -220,8 +250,15 @@ class GlobalScope(Scope):
     def top(self, scores: Masks, density: float, alive: Masks | None) -> dict[str, torch.Tensor]:
         k = self.budget(density)
         if alive is not None:
-            k = min(k, sum(int(a.sum()) for a in alive.values()))
-        return global_top_k(scores, k)
+            k = min(k, sum(int(torch.count_nonzero(a)) for a in alive.values()))
+        return global_top_k(scores, k, alive)
+
+    def top_at_or_below(self, scores: Masks, density: float, alive: Masks | None) -> dict[str, torch.Tensor]:
+        return global_prune_at_or_below(scores, density, alive)
+
+    def at_or_below_counts(self, masks: Masks, density: float) -> Iterator[tuple[str, int, int]]:
+        total = sum(self.units(name)[0] for name in self.shapes)
+        yield "all layers", sum(self.kept_units(masks).values()), total - max(int((1.0 - density) * total), 0)
 
     def counts(self, masks: Masks, density: float) -> Iterator[tuple[str, int, int]]:
         yield "all layers", sum(self.kept_units(masks).values()), self.budget(density)
@@ -245,8 +282,35 @@ class LayerScope(Scope):
 
     def top(self, scores: Masks, density: float, alive: Masks | None) -> dict[str, torch.Tensor]:
         budgets = self.budgets(density)
-        return {name: keep_top_k(s, budgets[name] if alive is None else min(budgets[name], int(alive[name].sum())))
-                for name, s in scores.items()}
+        if alive is None:
+            return {name: keep_top_k(s, budgets[name]) for name, s in scores.items()}
+        out = {}
+        for name, s in scores.items():
+            live = alive[name]
+            keep = torch.zeros_like(live)
+            keep[live] = keep_top_k(s[live], min(budgets[name], int(torch.count_nonzero(live))))
+            out[name] = keep
+        return out
+
+    def at_or_below_counts(self, masks: Masks, density: float) -> Iterator[tuple[str, int, int]]:
+        densities, kept = self.targets(density) or {}, self.kept_units(masks)
+        for name in self.shapes:
+            units = self.units(name)[0]
+            yield name, kept[name], units - max(int((1.0 - densities[name]) * units), 0)
+
+    def top_at_or_below(self, scores: Masks, density: float, alive: Masks | None) -> dict[str, torch.Tensor]:
+        densities = self.targets(density) or {}
+        out = {}
+        for name, s in scores.items():
+            k = int((1.0 - densities[name]) * s.numel())
+            if alive is None:
+                out[name] = prune_at_or_below(s, k)
+            else:
+                live = alive[name]
+                keep = torch.zeros_like(live)
+                keep[live] = prune_at_or_below(s[live], k, below=s.numel() - int(torch.count_nonzero(live)))
+                out[name] = keep
+        return out
 
     def counts(self, masks: Masks, density: float) -> Iterator[tuple[str, int, int]]:
         budgets, kept = self.budgets(density), self.kept_units(masks)
@@ -268,7 +332,7 @@ class RowScope(Scope):
 
     def top(self, scores: Masks, density: float, alive: Masks | None) -> dict[str, torch.Tensor]:
         out = {}
-        for name, s in scores.items():
+        for name, s in self.dead_last(scores, alive).items():
             rows = s.reshape(self.shapes[name][0], -1)
             k = torch.full((rows.shape[0],), self.row_budget(name, density), device=s.device)
             if alive is not None:
@@ -313,10 +377,10 @@ class NeuronFitScope(Scope):
 
     def top(self, scores: Masks, density: float, alive: Masks | None) -> dict[str, torch.Tensor]:
         sizes = {name: self.units(name)[1] for name in scores}
-        return keep_top_units(scores, sizes, self.budget(density))
+        return keep_top_units(self.dead_last(scores, alive), sizes, self.budget(density))
 
     def counts(self, masks: Masks, density: float) -> Iterator[tuple[str, int, int]]:
-        yield "all layers", sum(int(m.sum()) for m in masks.values()), self.budget(density)
+        yield "all layers", sum(int(torch.count_nonzero(m)) for m in masks.values()), self.budget(density)
 
     def check(self, masks: Masks, density: float) -> None:
         largest = max(self.units(name)[1] for name in self.shapes)

@@ -73,8 +73,10 @@ def output_width(model: nn.Module, sample: torch.Tensor) -> int:
 
 
 def balanced_batches(batches: Iterable[Batch], model: nn.Module, per_class: int, rank: int = 0,
-                     world_size: int = 1, device: torch.device | None = None) -> list[Batch]:
-    """Up to ``per_class`` samples of every class, dealt over ranks, regrouped into batches of the loader's size.
+                     world_size: int = 1, device: torch.device | None = None,
+                     batch_size: int | None = None) -> list[Batch]:
+    """Up to ``per_class`` samples of every class, dealt over ranks, regrouped into batches of ``batch_size``
+    (default: the loader's), in the order they were drawn; the last batch may be short.
 
     Each rank takes its share of the per-class quota from its own batches, so the ranks together score
     ``per_class`` samples per class, as one process would. The pass over the loader stops once every class is full.
@@ -83,11 +85,11 @@ def balanced_batches(batches: Iterable[Batch], model: nn.Module, per_class: int,
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
     counts: torch.Tensor | None = None
-    batch_size = 1
+    batch_size_seen = 1
     if quota == 0:
         return []
     for inputs, targets in batches:
-        batch_size = max(batch_size, len(targets))
+        batch_size_seen = max(batch_size_seen, len(targets))
         if counts is None:
             counts = torch.zeros(output_width(model, inputs.to(device) if device else inputs), dtype=torch.int64)
         for x, y in zip(inputs, targets):
@@ -103,6 +105,7 @@ def balanced_batches(batches: Iterable[Batch], model: nn.Module, per_class: int,
     x_all, y_all = torch.stack(xs), torch.stack(ys)
     if device is not None:
         x_all, y_all = x_all.to(device), y_all.to(device)
+    batch_size = batch_size or batch_size_seen
     return [(x_all[i:i + batch_size], y_all[i:i + batch_size]) for i in range(0, len(y_all), batch_size)]
 
 
@@ -114,27 +117,42 @@ def sample_count(batches: Sequence[Batch], device: torch.device) -> int:
     return int(count.item())
 
 
-def _loss_sum(model: nn.Module, batch: Batch, temperature: float) -> torch.Tensor:
-    """Cross-entropy of f(x) / T summed over the batch (a sum, so chunking into batches changes nothing)."""
+def _loss(model: nn.Module, batch: Batch, temperature: float, reduction: str) -> torch.Tensor:
+    """Cross-entropy of f(x) / T over the batch, summed or averaged."""
     inputs, targets = batch
-    return nn.functional.cross_entropy(model(inputs) / temperature, targets, reduction="sum")
+    return nn.functional.cross_entropy(model(inputs) / temperature, targets, reduction=reduction)
 
 
-# --------------------------------------------------------------------------------------------------------- SNIP
+BATCH_WEIGHTINGS = ("batch_mean", "sample")
+"""How scoring batches are combined. batch_mean (the Synaptic Flow code): the sum over batches of the gradient of
+each batch's mean loss, so every batch counts the same and a short last batch as much as a full one. sample: the
+gradient of the mean loss over all samples, every sample counting the same (independent of how they are batched)."""
+
+
 def mean_loss_gradient(model: nn.Module, params: Mapping[str, nn.Parameter], batches: Sequence[Batch],
-                       temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """Gradient of the mean loss over every scoring sample of every rank (summed over batches, then ranks)."""
+                       temperature: float = 1.0, weighting: str = "batch_mean") -> dict[str, torch.Tensor]:
+    """Gradient of the scoring loss over every batch of every rank, combined by ``weighting``
+    (:data:`BATCH_WEIGHTINGS`); summed over batches, then over ranks."""
     names, tensors = list(params), list(params.values())
     total = {name: torch.zeros_like(p) for name, p in params.items()}
+    reduction = _reduction(weighting)
     for batch in batches:
-        grads = torch.autograd.grad(_loss_sum(model, batch, temperature), tensors)
+        grads = torch.autograd.grad(_loss(model, batch, temperature, reduction), tensors)
         for name, grad in zip(names, grads):
             total[name] += grad
     total = all_reduce_sum(total)
     n = sample_count(batches, tensors[0].device)
     if n == 0:
         raise ValueError("no scoring samples on any rank: the data set gave no batches")
+    if weighting == "batch_mean":
+        return total
     return {name: g / n for name, g in total.items()}
+
+
+def _reduction(weighting: str) -> str:
+    if weighting not in BATCH_WEIGHTINGS:
+        raise ValueError(f"batch_weighting must be one of {', '.join(BATCH_WEIGHTINGS)}, got {weighting!r}")
+    return "mean" if weighting == "batch_mean" else "sum"
 
 
 def snip_scores(params: Mapping[str, nn.Parameter], grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -146,17 +164,22 @@ def snip_scores(params: Mapping[str, nn.Parameter], grads: Mapping[str, torch.Te
 
 # -------------------------------------------------------------------------------------------------------- GraSP
 def hessian_gradient_product(model: nn.Module, params: Mapping[str, nn.Parameter], batches: Sequence[Batch],
-                             g: Mapping[str, torch.Tensor], temperature: float) -> dict[str, torch.Tensor]:
-    """H g for the mean loss: per batch, differentiate (g . grad L) again (create_graph), sum, all-reduce."""
+                             g: Mapping[str, torch.Tensor], temperature: float,
+                             weighting: str = "batch_mean") -> dict[str, torch.Tensor]:
+    """H g for the scoring loss: per batch, differentiate (g . grad L) again (create_graph), sum, all-reduce;
+    batches combined by ``weighting`` as in :func:`mean_loss_gradient`."""
     names, tensors = list(params), list(params.values())
     total = {name: torch.zeros_like(p) for name, p in params.items()}
+    reduction = _reduction(weighting)
     for batch in batches:
-        grads = torch.autograd.grad(_loss_sum(model, batch, temperature), tensors, create_graph=True)
+        grads = torch.autograd.grad(_loss(model, batch, temperature, reduction), tensors, create_graph=True)
         dot = sum((grad * g[name]).sum() for name, grad in zip(names, grads))
         hg = torch.autograd.grad(dot, tensors)
         for name, value in zip(names, hg):
             total[name] += value
     total = all_reduce_sum(total)
+    if weighting == "batch_mean":
+        return total
     n = sample_count(batches, tensors[0].device)
     return {name: value / n for name, value in total.items()}
 
@@ -169,35 +192,53 @@ def grasp_scores(params: Mapping[str, nn.Parameter], hg: Mapping[str, torch.Tens
 
 
 # ------------------------------------------------------------------------------------------------------ SynFlow
+def synflow_state(model: nn.Module, params: Mapping[str, nn.Parameter],
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Absolute-valued copies (in ``dtype``) of every parameter and buffer of ``model`` except ``params``: the part of
+    SynFlow's linearised model that pruning does not change, built once and reused over the iterations."""
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name not in params:
+            value = tensor.detach().abs()
+            state[name] = value.to(dtype) if value.is_floating_point() else value
+    return state
+
+
 def synflow_scores(model: nn.Module, params: Mapping[str, nn.Parameter], input_shape: Sequence[int],
-                   dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                   dtype: torch.dtype = torch.float32, fixed: Mapping[str, torch.Tensor] | None = None,
+                   weights: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(|theta * dR/dtheta| per prunable weight, R), for R = sum of f(1) with every state entry replaced by |.|.
 
     The model is evaluated functionally on absolute-valued copies of its parameters and buffers (norm affine
     parameters and running statistics included), so the model's own tensors, signs and statistics are never
-    touched: "restoring the signs" is exact by construction. ``dtype`` float64 avoids the float32 under- and
-    overflow of R at extreme compression.
+    touched: "restoring the signs" is exact by construction. ``fixed``: :func:`synflow_state` of the model when the
+    caller keeps it over iterations (only the prunable weights change between them); ``weights``: |theta| of the
+    prunable weights in ``dtype`` when the caller keeps them too (they become the leaves). ``dtype`` float64 avoids the
+    float32 under- and overflow of R at extreme compression.
     """
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        value = tensor.detach().abs()
-        state[name] = value.to(dtype) if value.is_floating_point() else value
-    leaves = {name: state[name].requires_grad_(True) for name in params}
+    state = dict(synflow_state(model, params, dtype) if fixed is None else fixed)
+    if weights is None:
+        weights = {name: p.detach().abs().to(dtype) for name, p in params.items()}
+    leaves = {name: weights[name].detach().requires_grad_(True) for name in params}
+    state.update(leaves)
     device = next(iter(params.values())).device
     ones = torch.ones((1, *input_shape), dtype=dtype, device=device)
     R = functional_call(model, state, (ones,)).sum()
     grads = torch.autograd.grad(R, list(leaves.values()), allow_unused=True)
     scores = {}
     for (name, leaf), grad in zip(leaves.items(), grads):
-        scores[name] = torch.zeros_like(leaf) if grad is None else (leaf.detach() * grad).abs()
+        # the gradient is a fresh tensor: |grad| * theta in place (theta >= 0 here) is |theta * grad|
+        scores[name] = torch.zeros_like(leaf.detach()) if grad is None else grad.abs_().mul_(leaf.detach())
     return scores, R.detach()
 
 
-def float32_trouble(scores: Mapping[str, torch.Tensor], R: torch.Tensor) -> str | None:
+def float32_trouble(scores: Mapping[str, torch.Tensor], R: torch.Tensor, keep: int | None = None) -> str | None:
     """Why a float32 SynFlow pass cannot be trusted (None when it can).
 
-    R over- or underflowed (inf, NaN, zero, or below the smallest normal float32), or some score is not finite or
-    is a float32 subnormal (a product that lost its precision on the way to zero).
+    R over- or underflowed (inf, NaN, zero, or below the smallest normal float32), or some score is not finite.
+    Scores are >= 0. With ``keep`` (the weights this iteration keeps): fewer than ``keep`` scores are normal floats,
+    so the threshold falls among subnormal or zero scores that lost their precision (subnormal scores below a normal
+    threshold are pruned whatever their exact value, so they do no harm). Without it: any score is subnormal.
     """
     tiny = torch.finfo(torch.float32).tiny
     r = float(R)
@@ -206,9 +247,14 @@ def float32_trouble(scores: Mapping[str, torch.Tensor], R: torch.Tensor) -> str 
     if r < tiny:
         return f"R = {r:.3g} underflowed"
     for name, s in scores.items():
-        if not bool(torch.isfinite(s).all()):
+        if not math.isfinite(float(s.amax())):      # NaN and inf both show in the maximum
             return f"scores of {name} overflowed"
-        if bool(((s > 0) & (s < tiny)).any()):
+    if keep is not None:
+        normal = sum(int(torch.count_nonzero(s >= tiny)) for s in scores.values())
+        return f"only {normal} scores are normal floats, {keep} are kept: scores underflowed" if normal < keep \
+            else None
+    for name, s in scores.items():
+        if int(torch.count_nonzero(s < tiny)) > int(torch.count_nonzero(s == 0)):
             return f"scores of {name} underflowed"
     return None
 

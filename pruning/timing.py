@@ -61,7 +61,8 @@ class DropFraction:
 
 # ---------------------------------------------------------------------------------------------------- at init
 class IterationDensities:
-    """Pruning at init's density after iteration k of n: rho^(k/n) (exponential) or 1 - (1 - rho) k / n (linear)."""
+    """Pruning at init's density after iteration k of n: rho^(k/n) (exponential) or 1 - (1 - rho) (k / n) (linear),
+    computed as the Synaptic Flow code does, to the last bit (its masks depend on it)."""
 
     def __init__(self, final: float, iterations: int, kind: Literal["exponential", "linear"]) -> None:
         self.final = final
@@ -71,7 +72,7 @@ class IterationDensities:
     def at(self, k: int) -> float:
         if self.kind == "exponential":
             return self.final ** (k / self.iterations)
-        return 1.0 - (1.0 - self.final) * k / self.iterations
+        return 1.0 - (1.0 - self.final) * (k / self.iterations)
 
     def __iter__(self) -> Iterator[tuple[int, float]]:
         """(k, density_k) for k = 1..n."""

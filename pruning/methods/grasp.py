@@ -25,7 +25,8 @@ class GraSPConfig(DataScoredConfig):
 
 @register_method("grasp")
 class GraSP(DataScoredPruning):
-    """Pass 1: g = gradient of the mean L(f / T) over all scoring batches, no graph. Pass 2: per batch, differentiate
+    """Pass 1: g = gradient of L(f / T) summed over the scoring batches (each batch's mean loss by default, as the
+    reference; ``batch_weighting: sample`` for every sample the same), no graph. Pass 2: per batch, differentiate
     g . grad L (create_graph) again to accumulate H g. Score theta * H g / (|sum| + 1e-10); the lowest are pruned,
     which is the paper's "remove the largest -theta * H g" (the base class keeps the highest scores)."""
 
@@ -35,6 +36,7 @@ class GraSP(DataScoredPruning):
     def scores(self, iteration: int) -> dict[str, torch.Tensor]:
         batches, temperature = self.scoring_batches(), self.config.temperature
         with scoring_mode(self.model, self.config.train_mode):
-            g = mean_loss_gradient(self.model, self.params, batches, temperature)
-            hg = hessian_gradient_product(self.model, self.params, batches, g, temperature)
+            weighting = self.config.batch_weighting
+            g = mean_loss_gradient(self.model, self.params, batches, temperature, weighting)
+            hg = hessian_gradient_product(self.model, self.params, batches, g, temperature, weighting)
         return grasp_scores(self.params, hg)

@@ -33,6 +33,9 @@ class StructuredSNIPConfig(DataScoredConfig):
             raise ValueError("scope must be global for structured_snip (one ranking over all units)")
         if self.iterations != 1:
             raise ValueError(f"iterations must be 1 for structured_snip (one-shot), got {self.iterations}")
+        if self.selection != "exact":
+            raise ValueError("selection must be exact for structured_snip (whole units fit a budget in weights; the "
+                             "reference's threshold rule is for weights)")
 
 
 @register_method("structured_snip")
@@ -46,7 +49,8 @@ class StructuredSNIP(DataScoredPruning):
     def scores(self, iteration: int) -> dict[str, torch.Tensor]:
         """Per-weight SNIP saliency (the unit ranking is built from it in ``setup``)."""
         with scoring_mode(self.model, self.config.train_mode):
-            grads = mean_loss_gradient(self.model, self.params, self.scoring_batches())
+            grads = mean_loss_gradient(self.model, self.params, self.scoring_batches(),
+                                       weighting=self.config.batch_weighting)
         return snip_scores(self.params, grads)
 
     def unit_scores(self) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from pruning.methods.at_init import AtInitConfig, PruneAtInit
 from pruning.methods.base import MethodContext, register_method
-from pruning.scores import float32_trouble, scoring_mode, synflow_scores
+from pruning.scores import float32_trouble, scoring_mode, synflow_scores, synflow_state
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,31 @@ class SynFlow(PruneAtInit):
         self.precision_note: str | None = None
         self._use_float64 = config.precision == "float64"
         self._shape: tuple[int, ...] | None = None
+        self._fixed: dict[torch.dtype, dict[str, torch.Tensor]] = {}   # |.| of what pruning leaves unchanged
+        self._weights: dict[torch.dtype, dict[str, torch.Tensor]] = {}  # |theta| of the prunable weights
+        self._in_setup = False
+
+    def setup(self) -> None:
+        self._in_setup = True
+        try:
+            super().setup()
+        finally:
+            self._in_setup = False
+            self._fixed.clear()
+            self._weights.clear()
+
+    def flow(self, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """SynFlow scores and R in ``dtype``, reusing the absolute-valued state over iterations: masks only shrink
+        during pruning at init, so |theta| of the prunable weights is kept and the newly pruned entries zeroed."""
+        if dtype not in self._fixed or not self._in_setup:   # outside setup nothing is kept between calls
+            self._fixed[dtype] = synflow_state(self.model, self.params, dtype)
+            self._weights[dtype] = {name: p.detach().abs().to(dtype) for name, p in self.params.items()}
+        else:
+            with torch.no_grad():
+                for name, weight in self._weights[dtype].items():
+                    weight.masked_fill_(~self.masks[name], 0.0)
+        return synflow_scores(self.model, self.params, self.input_shape(), dtype, self._fixed[dtype],
+                              self._weights[dtype])
 
     def input_shape(self) -> tuple[int, ...]:
         """One sample's shape: from the context, else from the first batch of the data (read once)."""
@@ -65,14 +90,14 @@ class SynFlow(PruneAtInit):
         return self._shape
 
     def scores(self, iteration: int) -> dict[str, torch.Tensor]:
-        shape = self.input_shape()
         with scoring_mode(self.model, self.config.train_mode):
             if not self._use_float64:
-                scores, R = synflow_scores(self.model, self.params, shape, torch.float32)
-                trouble = float32_trouble(scores, R) if self.config.precision == "auto" else None
+                scores, R = self.flow(torch.float32)
+                keep = round(self.densities.at(iteration) * sum(p.numel() for p in self.params.values()))
+                trouble = float32_trouble(scores, R, keep) if self.config.precision == "auto" else None
                 if trouble is None or not self._float64_supported():
                     return scores
-                wide, wide_R = synflow_scores(self.model, self.params, shape, torch.float64)
+                wide, wide_R = self.flow(torch.float64)
                 if float(wide_R) == 0.0 or not torch.isfinite(wide_R):
                     return scores   # float64 does not fix it: the network is disconnected, not underflowing
                 self._use_float64 = True
@@ -82,7 +107,7 @@ class SynFlow(PruneAtInit):
                 self.float64_iterations += 1
                 return wide
             self.float64_iterations += 1
-            scores, _ = synflow_scores(self.model, self.params, shape, torch.float64)
+            scores, _ = self.flow(torch.float64)
             return scores
 
     def _float64_supported(self) -> bool:
