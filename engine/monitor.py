@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -40,6 +40,8 @@ class MonitorConfig:
     tensorboard: bool = True
     progress: bool = True
     log_every_steps: int = 10
+    # count dead ReLU neurons (and active weights) of the layers that feed a ReLU on each evaluation, over this split
+    dead_neurons: Literal["off", "train", "val", "test"] = "off"
 
     def __post_init__(self) -> None:
         """Reject bad values before any worker starts, field name first."""
@@ -253,8 +255,14 @@ def format_summary(summary: Mapping[str, Any], layers: list[tuple[str, int, int]
 
 def format_run_summary(summary: Mapping[str, Any], run_dir: str, tb_dir: str | None) -> str:
     """The end-of-run table straight from a summary.json mapping (used by the trainer and `launcher report`)."""
-    hidden = {"layers", "run_dir", "best_test_acc", "test_loss"}
+    hidden = {"layers", "run_dir", "best_test_acc", "test_loss", "neurons", "method_metrics"}
     shown = {key: value for key, value in summary.items() if key not in hidden}
     shown["best_acc"] = summary.get("best_test_acc")
+    history = (summary.get("neurons") or {}).get("history") or []
+    if history:     # the dead-neuron monitor's last census, one line (the per-epoch history stays in the file)
+        last = history[-1]
+        shown["dead_neurons"] = (f"{last['dead_total']:,} of {last['neurons_total']:,} "
+                                 f"({summary['neurons']['split']} split, epoch {last['epoch']}); active weights "
+                                 f"{last['active_params']:,} of {last['params']:,}")
     layers = [(name, int(v["numel"]), int(v["nonzero"])) for name, v in summary.get("layers", {}).items()]
     return format_summary(shown, layers, run_dir, tb_dir)

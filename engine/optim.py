@@ -53,6 +53,8 @@ class LRScheduleConfig:
     milestones: list[float] = field(default_factory=list)   # epochs at which step drops happen
     gamma: float = 0.1                                       # step: multiply the lr by gamma at each milestone
     min_lr: float = 0.0                                      # cosine / linear: the final learning rate
+    warmup_start_factor: float | None = None  # warm-up from this fraction of the lr (torch's LinearLR start_factor);
+                                              # None: (step + 1) / warmup_steps
 
     def __post_init__(self) -> None:
         if self.warmup_epochs < 0:
@@ -65,6 +67,8 @@ class LRScheduleConfig:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.min_lr < 0:
             raise ValueError(f"min_lr must be >= 0, got {self.min_lr}")
+        if self.warmup_start_factor is not None and not 0.0 < self.warmup_start_factor <= 1.0:
+            raise ValueError(f"warmup_start_factor must be in (0, 1] or null, got {self.warmup_start_factor}")
 
 
 def _param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
@@ -135,7 +139,8 @@ def lr_factor(cfg: LRScheduleConfig, base_lr: float, steps_per_epoch: int, epoch
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            start = cfg.warmup_start_factor
+            return (step + 1) / warmup if start is None else start + (1.0 - start) * step / warmup
         if cfg.name == "constant":
             return 1.0
         if cfg.name == "step":

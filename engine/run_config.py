@@ -104,7 +104,10 @@ class RunConfig:
                                  f"({self.train.epochs}); drop it or train longer")
         self.sparsity.check_run(RunFacts(epochs=self.train.epochs, backend=self.parallel.backend,
                                          zero_stage=self.parallel.zero_stage, precision=self.train.precision,
-                                         val_fraction=self.data.val_fraction))
+                                         val_fraction=self.data.val_fraction, optimizer=self.optim.name))
+        if self.monitor.dead_neurons == "val" and self.data.val_fraction <= 0:
+            raise ValueError("monitor.dead_neurons val needs a held-out split: set data.val_fraction > 0 "
+                             "(e.g. 0.1), or monitor.dead_neurons=test")
         if self.lr_schedule.warmup_epochs >= self.train.epochs:
             raise ValueError(f"lr_schedule.warmup_epochs ({self.lr_schedule.warmup_epochs}) must be shorter than "
                              f"train.epochs ({self.train.epochs})")

@@ -37,6 +37,7 @@ from engine.run_config import RunConfig
 from pruning.masks import LayerStat, parameter_counts
 from pruning.methods import DecisionPass, MethodContext, build_method, method_class
 from pruning.methods.base import Probe
+from pruning.neurons import census, find_relu_layers, relu_probes
 
 CHECKPOINT_FORMAT = "sparsetrain/1"
 
@@ -175,6 +176,7 @@ class Trainer:
         self.schedule = build_schedule(self.optimizer, cfg.lr_schedule, base_lr=cfg.optim.lr,
                                        steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs)
         self.method = build_method(cfg.sparsity, self.model, self.optimizer, context)
+        self._build_neuron_monitor(cfg, model, context)
         self.criterion = build_loss(cfg.train.loss, cfg.train.label_smoothing)
         self.eval_criterion = build_loss(cfg.train.loss)     # test and validation losses: no label smoothing
         self.monitor = Monitor(self.run_dir, enabled=self.env.is_main, tensorboard=cfg.monitor.tensorboard,
@@ -186,6 +188,7 @@ class Trainer:
         self.best_acc = 0.0
         self.last_eval: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
+        self.model_metrics: dict[str, float] = {}
         self.stopped_early = False
         if resume_url is None:
             self.method.setup()     # before wrapping: at-init scorers see the plain model, DeepSpeed the pruned one
@@ -199,6 +202,19 @@ class Trainer:
         backend.attach_masks(self.method.masks)
         if self.env.is_main:
             write_yaml(to_dict(cfg), _join(self.run_dir, "config.yaml"))
+
+    def _build_neuron_monitor(self, cfg: RunConfig, model: nn.Module, context: MethodContext) -> None:
+        """monitor.dead_neurons: find the linears that feed a ReLU (one traced forward, before training)."""
+        self.neuron_layers = []
+        self.neuron_sums: dict[str, torch.Tensor] | None = None
+        self.neuron_history: list[dict[str, Any]] = []
+        if cfg.monitor.dead_neurons == "off":
+            return
+        self.neuron_layers = find_relu_layers(model, context.input_shape or (), self.device)
+        if not self.neuron_layers:
+            raise ValueError(f"monitor.dead_neurons={cfg.monitor.dead_neurons} but no Linear of model "
+                             f"{cfg.model.name} feeds an nn.ReLU module; set monitor.dead_neurons=off or use a ReLU "
+                             "model (vit_strip, or vit with activation relu)")
 
     # --------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
@@ -231,29 +247,64 @@ class Trainer:
         return self._finish(time.perf_counter() - started)
 
     def _evaluate_epoch(self, evaluate: bool) -> None:
-        """Test and validation metrics when due, and the method's decision pass, sharing a pass where they can:
-        a decision pass over a split evaluated this epoch rides on that evaluation."""
-        request = self.method.decision_pass(self.epoch)
+        """Test and validation metrics when due, and the decision passes (the method's; the dead-neuron monitor's on
+        evaluation epochs), sharing passes where they can: a decision pass over a split evaluated this epoch rides
+        on that evaluation, and requests that probe one module with the same function share one hook."""
+        monitor = None
+        if evaluate and self.neuron_layers:
+            monitor = DecisionPass(split=self.cfg.monitor.dead_neurons, probes=relu_probes(self.neuron_layers),
+                                   decide=self._keep_neuron_sums)
+        spikes = self._model_pass() if evaluate else None
+        requests = [r for r in (self.method.decision_pass(self.epoch), monitor, spikes) if r is not None]
+        hooks, routes = self._plan_hooks(requests)
         sums: dict[str, torch.Tensor] = {}
         evaluated = []
         if evaluate:
-            self.last_eval = self.evaluate(self.loaders.test, probes=self._probes(request, "test"), sums=sums)
+            self.last_eval = self.evaluate(self.loaders.test, probes=hooks.get("test"), sums=sums)
             self.best_acc = max(self.best_acc, self.last_eval["acc"])
             evaluated.append("test")
             if self.loaders.val is not None:
-                self.last_val = self.evaluate(self.loaders.val, probes=self._probes(request, "val"), sums=sums)
+                self.last_val = self.evaluate(self.loaders.val, probes=hooks.get("val"), sums=sums)
                 evaluated.append("val")
-        if request is None:
-            return
-        if request.split not in evaluated:    # not evaluated this epoch: a pass of its own (the same on every rank)
-            self.evaluate(self._split_loader(request.split), probes=self._probes(request, request.split),
-                          sums=sums)
-        request.decide(self._reduce_sums(request, sums))
+        for split, split_hooks in hooks.items():
+            if split not in evaluated:    # not evaluated this epoch: a pass of its own (the same on every rank)
+                self.evaluate(self._split_loader(split), probes=split_hooks, sums=sums)
+        if requests:
+            totals = self._reduce_sums(hooks, sums)
+            for request, route in zip(requests, routes):
+                request.decide({name: totals[key] for name, key in route.items()})
 
     @staticmethod
-    def _probes(request: DecisionPass | None, split: str) -> Mapping[str, Probe] | None:
-        """The request's probes if it is about ``split``, else None."""
-        return request.probes if request is not None and request.split == split else None
+    def _plan_hooks(requests: Sequence[DecisionPass]) -> tuple[dict[str, dict[str, tuple[str, Probe]]],
+                                                               list[dict[str, str]]]:
+        """Hooks by split, each keyed and holding (module name, probe), one per distinct (module, probe) pair; and
+        for each request, the key whose sums answer each of its probes."""
+        hooks: dict[str, dict[str, tuple[str, Probe]]] = {}
+        routes = []
+        for request in requests:
+            split_hooks = hooks.setdefault(request.split, {})
+            route = {}
+            for name, probe in request.probes.items():
+                key = next((k for k, (n, p) in split_hooks.items() if n == name and p is probe), None)
+                if key is None:
+                    key = f"{request.split}/{name}/{len(split_hooks)}"
+                    split_hooks[key] = (name, probe)
+                route[name] = key
+            routes.append(route)
+        return hooks, routes
+
+    def _keep_neuron_sums(self, sums: dict[str, torch.Tensor]) -> None:
+        self.neuron_sums = sums
+
+    def _model_pass(self) -> DecisionPass | None:
+        """The model's own statistics of the test pass, if it has any (a spiking net's firing rates): its
+        ``evaluation_probes()`` summed over batches and ranks, turned into scalars by ``evaluation_metrics(sums)``,
+        logged as test/<name> and written to summary.json."""
+        probes = getattr(self.model, "evaluation_probes", None)
+        if probes is None:
+            return None
+        return DecisionPass(split="test", probes=probes(),
+                            decide=lambda sums: self.model_metrics.update(self.model.evaluation_metrics(sums)))
 
     def _split_loader(self, split: str) -> Any:
         loader = {"train": self.loaders.train, "val": self.loaders.val, "test": self.loaders.test}[split]
@@ -262,18 +313,21 @@ class Trainer:
                              "set data.val_fraction > 0 to hold out a validation split")
         return loader
 
-    def _reduce_sums(self, request: DecisionPass, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Sum each probe's totals over ranks; a rank that saw no batch contributes zeros of the others' shape."""
+    def _reduce_sums(self, hooks: Mapping[str, Mapping[str, tuple[str, Probe]]],
+                     sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum each hook's totals over ranks; a rank that saw no batch contributes zeros of the others' shape."""
         shapes: dict[str, tuple[int, ...]] = {}
         for seen in self.backend.all_gather_object({n: tuple(v.shape) for n, v in sums.items()}):
             shapes.update(seen)
-        missing = [name for name in request.probes if name not in shapes]
+        names = [key for split_hooks in hooks.values() for key in split_hooks]
+        missing = [module for split_hooks in hooks.values() for key, (module, _) in split_hooks.items()
+                   if key not in shapes]
         if missing:
             raise RuntimeError(f"the decision pass never ran the modules {missing[:3]}; probe modules that the "
                                "forward pass calls")
-        names = list(request.probes)
-        flat = torch.cat([sums.get(n, torch.zeros(shapes[n], dtype=torch.float64, device=self.device)).reshape(-1)
-                          for n in names])
+        flat = torch.cat([torch.zeros(0, dtype=torch.float64, device=self.device)]
+                         + [sums.get(n, torch.zeros(shapes[n], dtype=torch.float64, device=self.device)).reshape(-1)
+                            for n in names])
         self.backend.all_reduce(flat)
         out, start = {}, 0
         for name in names:
@@ -327,11 +381,11 @@ class Trainer:
                 "samples_per_s": samples / elapsed}
 
     @torch.no_grad()
-    def evaluate(self, loader: Any = None, probes: Mapping[str, Probe] | None = None,
+    def evaluate(self, loader: Any = None, probes: Mapping[str, tuple[str, Probe]] | None = None,
                  sums: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Loss and accuracy over ``loader`` (the test set by default), summed over ranks (each rank evaluates its
-        own shard). ``probes`` (a decision pass): forward hooks, existing only during this pass, that add each probe's
-        vector of its module's output into ``sums``."""
+        own shard). ``probes`` (decision passes), key -> (module name, probe): forward hooks, existing only during
+        this pass, that add each probe's vector of its module's output into ``sums[key]``."""
         model = self.model   # the unwrapped model: ranks may see different batch counts, DDP would hang
         was_training = model.training
         model.eval()
@@ -358,17 +412,17 @@ class Trainer:
         return {"loss": float(totals[0]) / max(1.0, float(totals[2])),
                 "acc": float(totals[1]) / max(1.0, float(totals[2]))}
 
-    def _attach_probes(self, probes: Mapping[str, Probe], sums: dict[str, torch.Tensor]) -> list[Any]:
-        """Forward hooks adding each probe's vector of a module's output into ``sums`` (float64)."""
+    def _attach_probes(self, probes: Mapping[str, tuple[str, Probe]], sums: dict[str, torch.Tensor]) -> list[Any]:
+        """Forward hooks adding each probe's vector of a module's output into ``sums[key]`` (float64)."""
 
-        def hook_for(name: str, probe: Any) -> Any:
+        def hook_for(key: str, probe: Any) -> Any:
             def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
                 value = probe(output.detach()).to(torch.float64)
-                sums[name] = value if name not in sums else sums[name] + value
+                sums[key] = value if key not in sums else sums[key] + value
             return hook
 
-        return [self.model.get_submodule(name).register_forward_hook(hook_for(name, probe))
-                for name, probe in probes.items()]
+        return [self.model.get_submodule(name).register_forward_hook(hook_for(key, probe))
+                for key, (name, probe) in probes.items()]
 
     # ------------------------------------------------------------ logging
     def _density(self, stats: list[LayerStat] | None = None) -> float:
@@ -394,13 +448,31 @@ class Trainer:
             values.update({"test/loss": self.last_eval["loss"], "test/acc": self.last_eval["acc"]})
         if self.last_val:
             values.update({"val/loss": self.last_val["loss"], "val/acc": self.last_val["acc"]})
+        values.update({f"test/{k}": v for k, v in self.model_metrics.items()})
         self.monitor.scalars(values, self.step)
         self._log_sparsity()
+        self._log_neurons()
         test = f"test acc {100 * self.last_eval['acc']:.2f}%" if self.last_eval else "no eval"
         val = f", val acc {100 * self.last_val['acc']:.2f}%" if self.last_val else ""
         self.monitor.print(f"epoch {self.epoch}/{self.cfg.train.epochs}: train loss {train['loss']:.4f} "
                            f"acc {100 * train['acc']:.2f}%, {test}{val}, {train['samples_per_s']:.0f} samples/s")
         return {**values, "density": self._density(), "step": float(self.step)}
+
+    def _log_neurons(self) -> None:
+        """The dead-neuron census of this epoch's pass (after the method's end_epoch: active weights count what
+        stripping left), to TensorBoard under neurons/ and to the history kept for summary.json."""
+        if self.neuron_sums is None:
+            return
+        found = census(self.neuron_layers, self.neuron_sums, self.model, self.method.masks)
+        self.neuron_sums = None
+        figures = found.figures()
+        self.monitor.scalars({f"neurons/{k}": v for k, v in figures.items()}, self.step)
+        record: dict[str, Any] = {"epoch": self.epoch, "step": self.step,
+                                  **{k: int(v) for k, v in figures.items() if not k.startswith("dead/")},
+                                  "dead": {k[5:]: int(v) for k, v in figures.items() if k.startswith("dead/")}}
+        if self.method.metrics():
+            record["method"] = self.method.metrics()
+        self.neuron_history.append(record)
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -410,7 +482,8 @@ class Trainer:
                 "masks": self.method.masks.state_dict() if self.method.masks is not None else None,
                 "method": self.method.state_dict(), "backend": self.backend.state_dict(),
                 "rng": self.backend.all_gather_object(capture_rng()), "epoch": self.epoch, "step": self.step,
-                "best_test_acc": self.best_acc, "world_size": self.env.world_size, "config": to_dict(self.cfg)}
+                "best_test_acc": self.best_acc, "world_size": self.env.world_size, "config": to_dict(self.cfg),
+                "neurons": self.neuron_history}
 
     def save_checkpoint(self) -> str | None:
         state = self.state_dict()          # every rank joins the RNG gather; rank 0 writes
@@ -432,6 +505,7 @@ class Trainer:
         self.backend.load_state_dict(state["backend"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.best_acc = float(state["best_test_acc"])
+        self.neuron_history = list(state.get("neurons") or [])
         rng = state["rng"]
         if len(rng) == self.env.world_size:
             restore_rng(rng[self.env.rank])
@@ -453,6 +527,13 @@ class Trainer:
                    "layers": {s.name: {"numel": s.numel, "kept": s.kept, "nonzero": s.nonzero} for s in stats}}
         if self.last_val:
             summary.update({"val_acc": self.last_val["acc"], "val_loss": self.last_val["loss"]})
+        summary.update(self.model_metrics)
+        if self.method.metrics():
+            summary["method_metrics"] = self.method.metrics()
+        if self.neuron_layers:
+            summary["neurons"] = {"split": self.cfg.monitor.dead_neurons,
+                                  "layers": {layer.linear: layer.features for layer in self.neuron_layers},
+                                  "history": self.neuron_history}
         if self.env.is_main:
             with fsspec.open(_join(self.run_dir, "summary.json"), "w") as handle:
                 json.dump(summary, handle, indent=2)

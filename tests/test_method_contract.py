@@ -59,12 +59,17 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+# methods that only apply to some architectures get one they apply to (the rest share the small conv net)
+MODELS = {"synaptic_stripping": ("mlp", {"hidden": [16, 16]})}
+
+
 def build(name: str) -> tuple[nn.Module, torch.optim.Optimizer, SparsityMethod]:
     """The same model, optimizer and method every time for ``name``."""
     cls = method_class(name)
     config = cls.Config(method=name, **OPTIONS.get(name, {}))
     torch.manual_seed(0)
-    model = models.build_model("conv", in_channels=1, image_size=8, num_classes=4, width=4)
+    arch, options = MODELS.get(name, ("conv", {"width": 4}))
+    model = models.build_model(arch, in_channels=1, image_size=8, num_classes=4, **options)
     model = cls.prepare_model(config, model, CONTEXT)
     optimizer = cls.make_optimizer(config, model, lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9))
     return model, optimizer, build_method(config, model, optimizer, CONTEXT)
