@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.registry import Registry
@@ -41,3 +43,25 @@ def build_loss(name: str, label_smoothing: float = 0.0) -> nn.Module:
 def cross_entropy(label_smoothing: float) -> nn.Module:
     """Softmax cross entropy on logits, with optional label smoothing."""
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+class RateMSE(nn.Module):
+    """Mean squared error between firing rates and the one-hot label (label smoothing spreads the label's mass)."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, rates: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        classes = rates.shape[1]
+        wanted = F.one_hot(targets, classes).to(rates.dtype)
+        if self.label_smoothing:
+            wanted = wanted * (1.0 - self.label_smoothing) + self.label_smoothing / classes
+        return F.mse_loss(rates, wanted)
+
+
+@register_loss("rate_mse")
+def rate_mse(label_smoothing: float) -> nn.Module:
+    """A spiking net's loss (Gradient Rewiring work): MSE between its output, the spike count of each class divided
+    by the time steps, and the one-hot label, averaged over classes and samples."""
+    return RateMSE(label_smoothing)

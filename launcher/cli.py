@@ -17,8 +17,11 @@ import fsspec
 
 from engine.config import ConfigError, to_dict
 from launcher.common import check, fail, is_worker
+from launcher.evaluate import add_evaluate_command
+from launcher.export import add_export_command
 from launcher.lottery import add_lottery_command
 from launcher.prune import add_prune_command
+from launcher.tune import add_tune_command
 
 
 def _spawn(args: argparse.Namespace) -> int:
@@ -79,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
     report.set_defaults(run=cmd_report)
     add_prune_command(commands)
     add_lottery_command(commands)
+    add_evaluate_command(commands)
+    add_export_command(commands)
+    add_tune_command(commands)
     return root
 
 

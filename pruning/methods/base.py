@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pruning.masks import LayerStat, MaskSet, dense_stats
+from pruning.scopes import BudgetError, Scope
 from common.registry import Registry
 from pruning.targets import TargetConfig, prunable_parameters
 
@@ -56,6 +57,7 @@ class RunFacts:
     zero_stage: int
     precision: str
     val_fraction: float = 0.0   # > 0: a held-out validation split exists (a decision pass may use it)
+    optimizer: str = "sgd"      # optim.name: a method that reads the optimizer's settings (Adam's betas) checks it
 
 
 Split = Literal["train", "val", "test"]
@@ -124,6 +126,11 @@ class SparsityMethod:
     def prepare_model(cls, config: MethodConfig, model: nn.Module, context: MethodContext) -> nn.Module:
         """Change the model's structure before the optimizer is built (e.g. tie weights); most methods do not."""
         return model
+
+    @classmethod
+    def check_model(cls, config: MethodConfig, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+        """Raise a one-line ValueError when the method cannot act on this model at all. The launcher calls it
+        before any worker starts, on the model built on the meta device (no memory, no weights: structure only)."""
 
     @classmethod
     def make_optimizer(cls, config: MethodConfig, model: nn.Module,

@@ -27,6 +27,21 @@ The noise and prior are applied to the weights directly (as Bellec's code does),
 momentum never carries them; written through ``MaskSet.set_values_`` they reach DeepSpeed's fp32 masters too. The
 update is far below bf16 and fp16 resolution, so under DeepSpeed (whose module weights are then half precision and
 are written back over the fp32 masters) only fp32 is accepted; DDP with autocast keeps fp32 weights and is fine.
+
+``style: spiking`` is Deep R as the Gradient Rewiring work runs it on spiking networks (ALGORITHMS.md section 5), the
+same maths with three differences, all in this option:
+
+* the optimizer is Adam (``optim.name: adam``) and the prior and noise use Adam's step size lr_t = lr / (1 - beta1^t)
+  (t = steps done): theta -= l1 * lr_t on active connections, noise T_noise * sqrt(lr_t) * N(0, 1) with
+  T_noise = sqrt(2 T) (that work's ``T``; its scripts never set it, so it was 0: ``temperature`` defaults to 0 here,
+  the faithful value, and is a real option);
+* every connection starts alive (the net starts dense, soft Deep R with theta = |w0|);
+* hard Deep R does not keep the active count fixed: when a layer's dormant fraction f exceeds max_s = 1 - density,
+  each dormant connection revives with probability (f - max_s) / f (seeded by (seed, step, layer), so every rank
+  draws the same), at theta = ``grow_magnitude`` (default 1e-8, the reference's eps) with its **stored sign**. The
+  reference writes +eps whatever the sign, so a revived negative connection reads as a sign flip and dies at the
+  next step (a bug, not reproduced). Unlike the reference, whose Adam moments keep accumulating at dormant positions,
+  dormant gradients are masked (the project's rule), so a revived connection starts with zero moments.
 """
 
 from __future__ import annotations
@@ -39,6 +54,7 @@ import torch
 
 from pruning.agreement import seeded_generator
 from pruning.methods.base import MaskedMethod, MethodConfig, MethodContext, RunFacts, register_method
+from pruning.methods.grad_rewiring import EpochRewiring
 from pruning.scopes import Scope, build_scope, random_masks, shapes_of
 from pruning.selection import keep_top_k, seeded_uniform
 from pruning.timing import UpdatePeriods
@@ -50,17 +66,26 @@ class DeepRConfig(MethodConfig):
     per-layer budgets; temperature T and l1 prior of the theta update (Bellec's MNIST script: l1 1e-5 and noise
     amplitude 1e-5 per unit learning rate at lr 0.5, i.e. T = 2.5e-11); grow_magnitude: theta of a regrown
     connection (Bellec's code: 1e-12); no rewiring from ``stop_epoch`` on (null: never stop); log_every: steps
-    between logged rewiring counts."""
+    between logged rewiring counts; style: bellec, or spiking (the Gradient Rewiring work's Adam-based Deep R, see
+    the module docstring), which also changes the defaults of temperature (0) and grow_magnitude (1e-8)."""
 
     density: float = 0.1
     distribution: Literal["uniform", "er", "erk"] = "uniform"
-    temperature: float = 1e-10
+    temperature: float | None = None        # None: 1e-10 (bellec), 0 (spiking, the published scripts' value)
     l1: float = 1e-5
-    grow_magnitude: float = 1e-12
+    grow_magnitude: float | None = None     # None: 1e-12 (bellec), 1e-8 (spiking, the reference's eps)
     stop_epoch: int | None = None
     log_every: int = 100
+    style: Literal["bellec", "spiking"] = "bellec"    # spiking: Adam step sizes, dense start, excess revival
 
     def __post_init__(self) -> None:
+        if self.style not in ("bellec", "spiking"):
+            raise ValueError(f"style must be bellec or spiking, got {self.style!r}")
+        spiking = self.style == "spiking"
+        if self.temperature is None:
+            self.temperature = 0.0 if spiking else 1e-10
+        if self.grow_magnitude is None:
+            self.grow_magnitude = 1e-8 if spiking else 1e-12
         if not 0.0 < self.density < 1.0:
             raise ValueError(f"density must be in (0, 1) (the fraction of connections active), got {self.density}")
         if self.distribution not in ("uniform", "er", "erk"):
@@ -78,6 +103,9 @@ class DeepRConfig(MethodConfig):
             raise ValueError(f"log_every must be at least 1 step, got {self.log_every}")
 
     def check_run(self, run: RunFacts) -> None:
+        if self.style == "spiking" and run.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"sparsity.style spiking takes Adam's step size lr / (1 - beta1^t), but optim.name is "
+                             f"{run.optimizer}: set optim.name=adam")
         if run.backend == "deepspeed" and run.precision != "fp32":
             raise ValueError(f"sparsity.method {self.method} moves weights by about 1e-6 per step, below "
                              f"{run.precision}'s resolution: under DeepSpeed it would write rounded values over the "
@@ -102,6 +130,7 @@ class DeepR(MaskedMethod):
         self.died = {name: 0 for name in self.params}      # since the last logged event
         self.grown = {name: 0 for name in self.params}
         self.total_died = 0
+        self.epoch_rewiring = EpochRewiring()
         # the param group of each layer, found now: DeepSpeed later swaps the groups' tensors for its partitions
         where = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]} if optimizer else {}
         missing = [name for name, p in self.params.items() if optimizer is not None and id(p) not in where]
@@ -112,21 +141,37 @@ class DeepR(MaskedMethod):
 
     # ------------------------------------------------------------ set-up
     def setup(self) -> None:
-        """Signs from the initial weights (zero counts as +), then a random mask at ``density``."""
+        """Signs from the initial weights (zero counts as +), then a random mask at ``density`` (style spiking: every
+        connection with a non-zero weight alive)."""
         self.signs = {name: self._sign_of(p.detach()) for name, p in self.params.items()}
-        self.masks.update(random_masks(self.scope, self.config.density, self.context.seed), optimizer=self.optimizer)
+        if self.config.style == "spiking":
+            start = {name: p.detach() != 0 for name, p in self.params.items()}
+        else:
+            start = random_masks(self.scope, self.config.density, self.context.seed)
+        self.masks.update(start, optimizer=self.optimizer)
+        self.epoch_rewiring.start(self.masks.items())
 
     @staticmethod
     def _sign_of(weight: torch.Tensor) -> torch.Tensor:
         return torch.where(weight < 0, -1.0, 1.0).to(weight.dtype)
 
     # ------------------------------------------------------------ the update
-    def learning_rates(self) -> dict[str, float]:
-        """The learning rate of the step just taken, per layer (the optimizer's param group of each weight)."""
+    def learning_rates(self, step: int) -> dict[str, float]:
+        """The step size of the step just taken (step ``step``), per layer: the learning rate of the weight's param
+        group, divided by Adam's 1 - beta1^t (t = step + 1) under style spiking."""
         if self.optimizer is None:
             raise RuntimeError(f"{self.name} needs the optimizer: its noise and prior scale with the learning rate")
         groups = self.optimizer.param_groups
-        return {name: float(groups[index]["lr"]) for name, index in self.group_index.items()}
+        rates = {}
+        for name, index in self.group_index.items():
+            group = groups[index]
+            rate = float(group["lr"])
+            if self.config.style == "spiking":
+                if "betas" not in group:
+                    raise ValueError(f"{self.name} with style spiking needs an Adam optimizer (optim.name=adam)")
+                rate /= 1.0 - float(group["betas"][0]) ** (step + 1)
+            rates[name] = rate
+        return rates
 
     def theta_step(self, step: int, name: str, theta: torch.Tensor, active: torch.Tensor, lr: float) -> torch.Tensor:
         """theta + sqrt(2 lr T) nu - lr l1 [active]: noise everywhere it is given, the prior on active connections."""
@@ -141,7 +186,7 @@ class DeepR(MaskedMethod):
     def after_step(self, step: int) -> None:
         if not self.rewiring.is_due(step + 1):
             return
-        lrs = self.learning_rates()
+        lrs = self.learning_rates(step)
         new, values = {}, {}
         with torch.no_grad():
             for name, param in self.params.items():
@@ -157,17 +202,35 @@ class DeepR(MaskedMethod):
             self.record(step + 1, self._event())
 
     def rewire(self, step: int, name: str, weight: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(new mask, new weight values) of one layer: deaths by theta <= 0, then as many random regrowths."""
+        """(new mask, new weight values) of one layer: deaths by theta <= 0, then the regrowth."""
         mask, sign = self.masks[name], self.signs[name]
         theta = self.theta_step(step, name, sign * weight, mask, lr)
         alive = mask & (theta > 0)
-        died = int(mask.sum()) - int(alive.sum())
-        if died == 0:
-            return mask, sign * theta.clamp_min(0.0)
-        scores = seeded_uniform(weight, self.context.seed, step, f"deepr/grow/{name}").masked_fill(alive, -math.inf)
-        grown = keep_top_k(scores, died)
+        grown = self.regrowth(step, name, alive, died=int(mask.sum()) - int(alive.sum()))
+        if grown is None:
+            return alive, sign * theta.clamp_min(0.0)
         theta = torch.where(grown, torch.full_like(theta, self.config.grow_magnitude), theta.clamp_min(0.0))
-        return alive | grown, sign * theta
+        return alive | grown, sign * theta      # the stored sign: a regrown connection is alive
+
+    def regrowth(self, step: int, name: str, alive: torch.Tensor, died: int) -> torch.Tensor | None:
+        """Dormant positions to revive (None: none). Bellec: as many as died, at random. Style spiking: each dormant
+        one with probability (f - max_s) / f when the dormant fraction f exceeds max_s = 1 - density."""
+        if self.config.style == "spiking":
+            dormant = ~alive
+            fraction = int(dormant.sum()) / dormant.numel()
+            excess = fraction - (1.0 - self.config.density)
+            if excess <= 0:
+                return None
+            draw = seeded_uniform(alive, self.context.seed, step, f"deepr/revive/{name}")
+            grown = dormant & (draw < excess / fraction)
+            return grown if bool(grown.any()) else None
+        if died == 0:
+            return None
+        scores = seeded_uniform(alive, self.context.seed, step, f"deepr/grow/{name}").masked_fill(alive, -math.inf)
+        return keep_top_k(scores, died)
+
+    def end_epoch(self, epoch: int) -> None:
+        self.epoch_rewiring.end_epoch(self.masks.items())
 
     # ------------------------------------------------------------ reporting
     def _event(self) -> dict[str, float]:
@@ -184,13 +247,14 @@ class DeepR(MaskedMethod):
         return self.scope.targets(self.config.density)
 
     def metrics(self) -> dict[str, float]:
-        return {"deepr/died_total": float(self.total_died)}
+        return {"deepr/died_total": float(self.total_died), **self.epoch_rewiring.metrics(self.model, self.params)}
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["signs"] = {name: (s > 0).cpu() for name, s in self.signs.items()}
         state["total_died"] = self.total_died
+        state["rewiring"] = self.epoch_rewiring.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -201,6 +265,10 @@ class DeepR(MaskedMethod):
         self.signs = {name: torch.where(signs[name].to(p.device), 1.0, -1.0).to(p.dtype)
                       for name, p in self.params.items()}
         self.total_died = int(state.get("total_died", 0))
+        if "rewiring" in state:
+            self.epoch_rewiring.load_state_dict(state["rewiring"], dict(self.masks.items()))
+        else:       # a checkpoint from before the per-epoch counts: count from here
+            self.epoch_rewiring.start(self.masks.items())
 
 
 @dataclass
