@@ -4,7 +4,8 @@ step against torch's Adam on the same model, each pair interleaved in one run (r
 Training step: forward (T = 8), rate-MSE loss, backward, Adam step, on the MNIST net (784-800-10, batch 128) and on
 the CIFAR-10 net at reduced width (the full one, 256 channels, takes minutes per step on a 2-core CPU). Optimizer
 step: the same gradients stepped by torch.optim.Adam and by Grad R's optimizer (penalty 1e-3), with torch's foreach
-and fused kernels, on the full-size MNIST and CIFAR-10 nets (only parameters and gradients: no forward pass).
+and fused kernels, and Grad R's compiled step (``compile: true``) against fused Adam, on the full-size MNIST and
+CIFAR-10 nets (only parameters and gradients: no forward pass).
 A measurement script, not a test; the figures in docs/spiking.md come from it.
 
     python3 -m benchmarks.spiking                      # the docs' figures
@@ -62,26 +63,30 @@ def step_modes(name: str, shape: tuple[int, int, int], batch: int, rounds: int, 
 
 def optimizer_steps(name: str, shape: tuple[int, int, int], rounds: int, **options: Any) -> dict[str, Any]:
     """Grad R's step against torch Adam's on the same parameters and gradients, per kernel (foreach, fused)."""
-    config = GradRewiringConfig(method="grad_rewiring", penalty=1e-3, target_sparsity=0.95)
     steps: dict[str, Callable[[], object]] = {}
     params = 0
-    for kernel in ("foreach", "fused"):
-        flags = {"fused": True} if kernel == "fused" else {"foreach": True}
+    for kernel in ("foreach", "fused", "compiled"):
+        flags = {"foreach": True} if kernel == "foreach" else {"fused": True}
+        config = GradRewiringConfig(method="grad_rewiring", penalty=1e-3, target_sparsity=0.95,
+                                    compile=kernel == "compiled")
         for kind in ("adam", "grad_r"):
+            if kind == "adam" and kernel == "compiled":
+                continue            # compared with fused Adam
             torch.manual_seed(0)
             model = models.build_model(name, in_channels=shape[0], image_size=shape[1], num_classes=10, **options)
             params = sum(p.numel() for p in model.parameters())
             for p in model.parameters():
                 p.grad = torch.randn_like(p) * 1e-3
-            adam = torch.optim.Adam(model.parameters(), lr=1e-3, **flags)
-            optimizer = adam if kind == "adam" else method_class("grad_rewiring").make_optimizer(
-                config, model, lambda m, flags=flags: torch.optim.Adam(m.parameters(), lr=1e-3, **flags))
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **flags) if kind == "adam" else \
+                method_class("grad_rewiring").make_optimizer(
+                    config, model, lambda m, flags=flags: torch.optim.Adam(m.parameters(), lr=1e-3, **flags))
             steps[f"{kind}/{kernel}"] = optimizer.step
-    times, _ = interleaved(steps, rounds=rounds, warmup=2)
+    times, _ = interleaved(steps, rounds=rounds, warmup=2)     # the compiled step compiles in the warm-up
     out: dict[str, Any] = {"model": name, "options": options, "params": params}
-    for kernel in ("foreach", "fused"):
-        ratio, low, high = ratio_stats(times[f"grad_r/{kernel}"], times[f"adam/{kernel}"])
-        out[kernel] = {"adam_ms": 1e3 * statistics.median(times[f"adam/{kernel}"]),
+    for kernel in ("foreach", "fused", "compiled"):
+        adam = "adam/foreach" if kernel == "foreach" else "adam/fused"
+        ratio, low, high = ratio_stats(times[f"grad_r/{kernel}"], times[adam])
+        out[kernel] = {"adam_ms": 1e3 * statistics.median(times[adam]),
                        "grad_r_ms": 1e3 * statistics.median(times[f"grad_r/{kernel}"]),
                        "grad_r_over_adam": ratio, "quartiles": [low, high]}
     return out
@@ -114,12 +119,14 @@ def main() -> None:
         print(f"| {r['model']} {r['options'] or ''} batch {r['input'][0]} | {r['params']:,} | "
               f"{r['multi_step_ms']:.1f} ms | {r['single_step_ms']:.1f} ms | {r['speedup_of_multi_step']:.2f}x "
               f"({r['speedup_quartiles'][0]:.2f}-{r['speedup_quartiles'][1]:.2f}) |")
-    print("\n| optimizer step | params | kernel | torch Adam | Grad R | Grad R / Adam (quartiles) |")
+    print("\n| optimizer step | params | Grad R kernel (against torch Adam's) | torch Adam | Grad R | "
+          "Grad R / Adam (quartiles) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in result["optimizer"]:
-        for kernel in ("foreach", "fused"):
+        for kernel in ("foreach", "fused", "compiled"):
             k = r[kernel]
-            print(f"| {r['model']} | {r['params']:,} | {kernel} | {k['adam_ms']:.2f} ms | {k['grad_r_ms']:.2f} ms | "
+            label = "compiled (fused)" if kernel == "compiled" else f"{kernel} ({kernel})"
+            print(f"| {r['model']} | {r['params']:,} | {label} | {k['adam_ms']:.2f} ms | {k['grad_r_ms']:.2f} ms | "
                   f"{k['grad_r_over_adam']:.2f}x ({k['quartiles'][0]:.2f}-{k['quartiles'][1]:.2f}) |")
 
 

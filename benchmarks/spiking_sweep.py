@@ -52,6 +52,7 @@ def point(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -67,6 +68,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     dense = result["points"]["no_prune"][0]
     ax.axhline(100 * dense["acc_mean"], color="black", linestyle=":", label="dense (no_prune)")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks([2, 5, 10, 20, 50, 100])
     ax.set_xlabel("connectivity (% of prunable weights non-zero, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Spiking MLP on digits, {result['epochs']} epochs, seeds {result['seeds']}")
@@ -96,7 +100,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", default="docs/spiking_digits.json")
     parser.add_argument("--plot", default="docs/spiking_digits.png")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot and table from --out")
     args = parser.parse_args()
+    if args.replot:
+        result = json.loads(Path(args.out).read_text())
+        plot(result, Path(args.plot))
+        print(table(result))
+        return
     penalties = [float(p) for p in args.penalties.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     common = [f"train.epochs={args.epochs}"]

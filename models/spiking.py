@@ -1,4 +1,4 @@
-"""Spiking networks of the Gradient Rewiring work (ALGORITHMS.md section 5), built with spikingjelly and sized by the data.
+"""Spiking networks of the Gradient Rewiring work (ALGORITHMS.md section 5), built with spikingjelly, sized by the data.
 
 Both nets use LIF neurons (tau 2, threshold 1, hard reset to 0, ATan surrogate gradient, detached reset), direct
 encoding (the analogue input drives the first layer, which is computed once, outside the time loop), no biases, and
@@ -16,10 +16,11 @@ Neuron states (membrane potentials, the dropout mask) are reset at the end of ev
 (training, evaluation, scoring), so nothing outside the model has to know it has states.
 
 ``step_mode``: "m" (spikingjelly's multi-step mode: each layer sees all T steps at once, as a [T, N, ...] tensor) or
-"s" (one step at a time, a Python loop over T, as the original code). Measured by ``benchmarks/spiking.py``, multi-step
-is the faster one here, hence the default. The two give the same network except for the batch norms of the spiking
-part: in multi-step mode a BN normalises over the T * N samples of a batch at once (and updates its running statistics
-once per batch), in single-step mode over the N samples of each step (T updates per batch).
+"s" (one step at a time, a Python loop over T, as the original code). Measured by ``benchmarks/spiking.py`` on a 2-core
+CPU, multi-step is 5% faster on the conv net and within noise on the MLP (docs/spiking.md), hence the default. The
+two give the same network except for the batch norms of the spiking part: in multi-step mode a BN normalises over
+the T * N samples of a batch at once (and updates its running statistics once per batch), in single-step mode over
+the N samples of each step (T updates per batch).
 
 spikingjelly is imported when a spiking model is built, never at import time, so importing ``models`` stays fast.
 """
@@ -55,7 +56,8 @@ class SpikingNet(nn.Module):
     per neuron per time step) and its fraction of silent neurons on the test pass, summed over batches and ranks.
     """
 
-    def __init__(self, static: nn.Module, dynamic: nn.Sequential, time_steps: int, vote: int, step_mode: StepMode) -> None:
+    def __init__(self, static: nn.Module, dynamic: nn.Sequential, time_steps: int, vote: int,
+                 step_mode: StepMode) -> None:
         super().__init__()
         sj = _spikingjelly()
         self.static = static
@@ -152,7 +154,8 @@ def spiking_conv(in_channels: int, image_size: int, num_classes: int, *, width: 
     if not 0.0 <= dropout < 1.0:
         raise ModelConfigError(f"option dropout must be in [0, 1), got {dropout}")
     if image_size < 4:
-        raise ModelConfigError(f"spiking_conv halves the image twice; it needs images of at least 4 px, got {image_size}")
+        raise ModelConfigError(f"spiking_conv halves the image twice; it needs images of at least 4 px, "
+                               f"got {image_size}")
     sj = _spikingjelly()
     static = nn.Sequential(OrderedDict(
         conv1=set_role(nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False), "stem"),

@@ -171,3 +171,29 @@ def test_spikingjelly_is_imported_only_when_a_spiking_model_is_built() -> None:
             "assert 'spikingjelly' in sys.modules")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_spiking_configs_follow_the_published_recipes() -> None:
+    from engine.run_config import load_config
+
+    configs = {path.stem: load_config(str(path)) for path in (REPO / "configs" / "spiking").glob("*.yaml")}
+    assert {f"{data}_{method}" for data in ("mnist", "cifar10") for method in
+            ("grad_r", "deep_r", "soft_deep_r", "no_prune")} <= set(configs)
+    for name, cfg in configs.items():
+        assert cfg.train.loss == "rate_mse" and cfg.optim.name == "adam" and cfg.optim.weight_decay == 0.0, name
+        assert cfg.lr_schedule.name == "constant" and cfg.model.name.startswith("spiking_"), name
+        method = cfg.sparsity.method
+        if name.startswith("mnist"):
+            assert (cfg.data.batch_size, cfg.train.epochs, cfg.optim.lr, cfg.model.name) == (128, 512, 1e-3,
+                                                                                             "spiking_mlp")
+        if name.startswith("cifar10"):
+            assert (cfg.data.batch_size, cfg.train.epochs, cfg.optim.lr, cfg.model.name) == (16, 2048, 1e-4,
+                                                                                             "spiking_conv")
+            assert cfg.data.augment == "standard"
+        if name.startswith(("mnist", "cifar10")):
+            if method == "grad_rewiring":
+                assert cfg.sparsity.penalty == 1e-3
+            elif method in ("deep_r", "soft_deep_r"):
+                assert (cfg.sparsity.l1, cfg.sparsity.style, cfg.sparsity.temperature) == (1e-3, "spiking", 0.0)
+            else:
+                assert method == "dense"

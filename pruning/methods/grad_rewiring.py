@@ -20,7 +20,9 @@ connection can grow (the reference's torch.sign gives 0 there, which kills it fo
 
 The optimizer keeps, per prunable weight, ``hidden`` = s * theta (the signed variable the Adam step moves, so the
 Adam step is torch's own Adam kernel on it, fused or foreach as configured) and ``sign``; ``theta(param)`` returns
-theta. It writes w itself, so pruned weights are exactly zero after every step with no gradient masking, and the
+theta. The prior and the write of w cost four more passes over each weight (about 1.5x torch's foreach Adam step,
+2-3x its fused one; docs/spiking.md); ``compile: true`` runs the same maths as one torch.compile'd pass per weight
+instead. It writes w itself, so pruned weights are exactly zero after every step with no gradient masking, and the
 method only reads the masks off the weights (w != 0) after each step, checks them across ranks at every epoch's end
 and counts connections pruned and regrown per epoch. Under DDP every rank steps the same all-reduced gradients from
 the same state, so weights, theta and masks stay identical; DeepSpeed is accepted at ZeRO stage 0 in fp32 only
@@ -47,10 +49,13 @@ class GradRewiringConfig(MethodConfig):
     """penalty: alpha, the prior's strength (the Gradient Rewiring scripts' -penalty, 1e-3 in the published runs;
     0 turns the prior off); target_sparsity: s_target in [0.5, 1), which places the prior's centre
     mu = ln(2 (1 - s_target)) / alpha. The learning rate, betas, eps and weight decay are the optim section's (which
-    must name adam)."""
+    must name adam). compile: run the rewired weights' whole update as one torch.compile'd elementwise pass (the same
+    maths, rounded differently, so not bit-identical to the eager step; compiled once per run, seconds, and needs a
+    C++ compiler on the CPU), which brings the step near Adam's."""
 
     penalty: float = 1e-3
     target_sparsity: float = 0.95
+    compile: bool = False       # one torch.compile'd pass per weight instead of torch's Adam kernel plus four passes
 
     def __post_init__(self) -> None:
         if not self.penalty >= 0.0:
@@ -73,13 +78,29 @@ def prior_centre(penalty: float, target_sparsity: float) -> float:
     return math.log(2.0 * (1.0 - target_sparsity)) / penalty
 
 
+def rewired_update(hidden: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                   exp_avg_sqs: list[torch.Tensor], signs: list[torch.Tensor], weights: list[torch.Tensor],
+                   step_size: torch.Tensor, prior: torch.Tensor, mu: torch.Tensor, new1: torch.Tensor,
+                   beta2: torch.Tensor, new2: torch.Tensor, eps: torch.Tensor, bias2_root: torch.Tensor) -> None:
+    """The whole Grad R update of ``GradRewiringAdam.step`` as elementwise code, for torch.compile to fuse into one
+    pass per tensor (reading g, m, v, hidden, s; writing m, v, hidden, w). step_size = lr / (1 - beta1^t), prior =
+    alpha * step_size, new1 = 1 - beta1, new2 = 1 - beta2 (taken in double precision, as torch's Adam does),
+    bias2_root = sqrt(1 - beta2^t); scalars are 0-d tensors, so a new step does not recompile."""
+    for h, g, m, v, s, w in zip(hidden, grads, exp_avgs, exp_avg_sqs, signs, weights):
+        direction = torch.sign(h - s * mu)                  # s * sign(theta - mu), at theta before this step
+        m.lerp_(g, new1)
+        v.mul_(beta2).add_(new2 * g * g)
+        h.sub_(step_size * m / (v.sqrt() / bias2_root + eps) + prior * direction)
+        w.copy_(torch.where(h * s > 0, h, 0.0))
+
+
 class GradRewiringAdam(torch.optim.Optimizer):
     """Adam whose groups with ``rewire: True`` step the hidden theta of sign-fixed weights (see the module docstring);
     other groups are plain Adam. ``foreach`` / ``fused`` choose torch's Adam kernel, as for ``torch.optim.Adam``."""
 
     def __init__(self, params: Iterable[Any], *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, penalty: float = 1e-3, target_sparsity: float = 0.95,
-                 foreach: bool | None = None, fused: bool | None = None) -> None:
+                 foreach: bool | None = None, fused: bool | None = None, compile: bool = False) -> None:
         if not lr > 0.0 or not eps > 0.0 or weight_decay < 0.0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"bad Adam settings: lr {lr}, betas {betas}, eps {eps}, weight_decay {weight_decay}")
         GradRewiringConfig(penalty=penalty, target_sparsity=target_sparsity)      # the same range checks
@@ -87,6 +108,7 @@ class GradRewiringAdam(torch.optim.Optimizer):
                         target_sparsity=target_sparsity, rewire=True, steps_done=0)
         super().__init__(params, defaults)
         self.foreach, self.fused = foreach, fused
+        self._compiled: Callable[..., None] | None = torch.compile(rewired_update, dynamic=False) if compile else None
         self._derived: dict[torch.Tensor, tuple[torch.Tensor, ...]] = {}
 
     # ------------------------------------------------------------ state
@@ -149,6 +171,9 @@ class GradRewiringAdam(torch.optim.Optimizer):
                 if decay:       # L2 on the effective weight, as the reference's Adam adds it to g
                     grads = torch._foreach_add(grads, params, alpha=decay)
                     decay = 0.0
+                if self._compiled is not None:
+                    self._compiled_step(group, params, grads, states)
+                    continue
                 if group["penalty"] > 0:        # the prior at theta before this step (see the module docstring)
                     direction = []
                     for param, hidden in zip(params, targets):
@@ -165,6 +190,22 @@ class GradRewiringAdam(torch.optim.Optimizer):
                     _, lower, upper, _ = self._derived_of(param, group)
                     torch.clamp(hidden, lower, upper, out=param)
         return loss
+
+    def _compiled_step(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                       states: list[dict[str, Any]]) -> None:
+        assert self._compiled is not None
+        beta1, beta2 = group["betas"]
+        t = group["steps_done"]
+        torch._foreach_add_([s["step"] for s in states], 1.0)     # Adam's own count, kept for the checkpoint
+        step_size = group["lr"] / (1.0 - beta1**t)
+        mu = prior_centre(group["penalty"], group["target_sparsity"]) if group["penalty"] > 0 else 0.0
+        device = params[0].device
+        scalars = [torch.tensor(x, dtype=torch.float32, device=device) for x in
+                   (step_size, group["penalty"] * step_size, mu, 1.0 - beta1, beta2, 1.0 - beta2, group["eps"],
+                    math.sqrt(1.0 - beta2**t))]
+        self._compiled(
+            [s["hidden"] for s in states], grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["sign"] for s in states], params, *scalars)
 
 
 class EpochRewiring:
@@ -194,8 +235,8 @@ class EpochRewiring:
         prunable = sum(p.numel() for p in params.values())
         alive = sum(int(torch.count_nonzero(p.detach())) for p in params.values())
         total = sum(p.numel() for p in model.parameters())
-        return {"connectivity": alive / max(1, prunable), "connectivity_all": (alive + total - prunable) / max(1, total),
-                **self.counts}
+        return {"connectivity": alive / max(1, prunable),
+                "connectivity_all": (alive + total - prunable) / max(1, total), **self.counts}
 
     def state_dict(self) -> dict[str, Any]:
         return {"before": {name: mask.cpu() for name, mask in self.before.items()}, "counts": dict(self.counts)}
@@ -240,7 +281,7 @@ class GradRewiring(MaskedMethod):
         options = configured.defaults
         return GradRewiringAdam(groups, lr=options["lr"], penalty=config.penalty,
                                 target_sparsity=config.target_sparsity, foreach=options.get("foreach"),
-                                fused=options.get("fused"))
+                                fused=options.get("fused"), compile=config.compile)
 
     # ------------------------------------------------------------ loop points
     def setup(self) -> None:
