@@ -9,7 +9,6 @@ the hashed file must reproduce the tied model and be smaller than the dense one.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,12 +23,7 @@ from launcher.cli import main
 from launcher.export import example_input, export, load_export, masked_model
 from pruning.export import CsrConv2d, CsrLinear, csr_tensors, load_csr, sparsify
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _train(root: Path, name: str, *overrides: str) -> Path:

@@ -10,7 +10,6 @@ while training (``CHANGING``) actually change them after the resume point.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -50,13 +49,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
 CHANGING = {"set", "rigl", "dsr", "deep_r", "soft_deep_r", "gradual", "unit", "union_mask", "iterative"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: a second intra-op thread only spins (and costs seconds on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # methods that only apply to some architectures get one they apply to (the rest share the small conv net)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,7 @@ TINY_RUN = ["data.name=digits", "data.batch_size=64", "data.val_fraction=0.25", 
             "optim.lr=0.01", "monitor.dead_neurons=val"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------ the model

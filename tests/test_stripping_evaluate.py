@@ -11,12 +11,10 @@ import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from engine.run_config import load_config
 from engine.trainer import train
@@ -25,12 +23,7 @@ from launcher.evaluate import evaluate, format_result
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def write_cifar10(root: Path, per_batch: int = 20, test: int = 30) -> tuple[np.ndarray, np.ndarray]:
