@@ -4,7 +4,7 @@ Nothing here imports torch: registries by name with one did-you-mean, and one co
 against type annotations.
 """
 
-from common.coerce import CoercionError, coerce, type_name
+from common.coerce import CoercionError, NonFiniteError, coerce, type_name
 from common.registry import Registry, did_you_mean
 
-__all__ = ["CoercionError", "Registry", "coerce", "did_you_mean", "type_name"]
+__all__ = ["CoercionError", "NonFiniteError", "Registry", "coerce", "did_you_mean", "type_name"]

@@ -8,7 +8,9 @@ same thing everywhere:
 - int: an int, never a bool and never a float (``2.5`` and ``768.0`` alike are reported: a float in a count or a
   width is a slip worth naming); text such as ``"64"`` when ``parse_numbers``;
 - float: an int or a float (returned as float), text such as ``"1e-3"`` when ``parse_numbers`` (YAML 1.1 reads
-  ``1e-3`` without a dot as a string); never a bool;
+  ``1e-3`` without a dot as a string); never a bool, and never NaN or infinite (``NonFiniteError``): no config
+  number of this project means anything at ``.nan`` or ``.inf`` (a learning rate of inf trains to NaN at once, a
+  clipping norm of inf is spelled null), so such a value is always a slip and is named before anything starts;
 - str: a str only;
 - list / Sequence: a list or a tuple, element by element; one string stands for a list of one where strings are
   expected (``data.options.train_shards=s3://bucket/train-{0..9}.tar`` on a command line);
@@ -23,6 +25,7 @@ point) and what was found, so each component words the message in its own style.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
@@ -39,6 +42,15 @@ class CoercionError(ValueError):
     def __init__(self, key: str, annotation: Any, value: Any) -> None:
         self.key, self.annotation, self.value = key, annotation, value
         super().__init__(f"{key} must be {type_name(annotation)}, got {value!r}")
+
+
+class NonFiniteError(CoercionError):
+    """A float-typed value that is NaN or infinite: a number, so a Union does not try its other members; the message
+    says what is wrong, and the components print it as it is."""
+
+    def __init__(self, key: str, annotation: Any, value: Any) -> None:
+        super().__init__(key, annotation, value)
+        self.args = (f"{key} must be a finite number, got {value!r}",)
 
 
 def type_name(annotation: Any) -> str:
@@ -95,6 +107,8 @@ def _union(value: Any, annotation: Any, key: str, parse_numbers: bool, nested: N
             continue
         try:
             return coerce(value, member, key, parse_numbers=parse_numbers, nested=nested)
+        except NonFiniteError:
+            raise
         except CoercionError:
             continue
     raise CoercionError(key, annotation, value)
@@ -117,13 +131,18 @@ def _scalar(value: Any, annotation: type, key: str, parse_numbers: bool) -> Any:
             except ValueError:
                 pass
     elif annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if text and parse_numbers:
+            number = float(value)
+        elif text and parse_numbers:
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise NonFiniteError(key, annotation, value)
+            return number
     elif text:
         return value
     raise CoercionError(key, annotation, value)

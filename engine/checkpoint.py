@@ -6,17 +6,32 @@ final name. Loads use `torch.load(weights_only=True)` only: a checkpoint is data
 
 Atomicity by storage: on the local filesystem the move is `os.replace` (atomic on POSIX). Elsewhere it is `fs.mv`;
 object stores implement that as copy-then-delete, and since a single object PUT/copy is itself all-or-nothing the
-final name still never holds a partial file, though a crash can leave the temporary sibling behind.
+final name still never holds a partial file, though a crash can leave the temporary sibling behind;
+``Checkpointer.clean_temporary`` removes such leftovers when the next run starts.
+
+Integrity: every file ``save_state`` writes gets a sidecar ``<file>.meta.json`` (written atomically, after the file)
+holding the SHA-256 and length of the file's bytes, whether every tensor in it is finite, and the metric it was saved
+with (``checkpoint.keep_best``). ``load_state`` verifies the bytes against it before unpickling anything: a flipped
+byte or a truncated file is a one-line CheckpointError, never a silently changed optimizer value. A file without a
+sidecar (written before checksums existed, or a crash between the file and its sidecar) is still checked against the
+CRC32 of every member that torch's zip archive carries, and loaded with a note. ``resume=auto`` walks back from the
+newest checkpoint to the newest one that verifies, naming each it skips and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import math
 import os
 import pickle
 import random
 import re
+import sys
 import uuid
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -29,16 +44,29 @@ __all__ = [
     "CheckpointConfig",
     "CheckpointError",
     "Checkpointer",
+    "all_finite",
     "capture_rng",
     "load_state",
     "resolve_resume",
     "restore_rng",
     "save_state",
+    "verify_checkpoint",
 ]
 
 LATEST_POINTER = "latest"
 CHECKPOINT_SUBDIR = "checkpoints"
 _CKPT_RE = re.compile(r"^ckpt-e(\d{4,})-s(\d{8,})\.pt$")
+META_SUFFIX = ".meta.json"
+META_FORMAT = "sparsetrain-checkpoint-meta/1"
+_TMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")    # _atomic_write's temporary siblings
+
+Note = Callable[[str], None]
+
+
+def _default_note(message: str) -> None:
+    """Notes go to stderr, from the main process only (RANK unset or 0), so a multi-rank start prints them once."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
 
 
 class CheckpointError(ValueError):
@@ -51,7 +79,9 @@ class CheckpointConfig:
 
     dir: str | None = None
     every_epochs: int = 1
+    every_steps: int | None = None   # also every N optimizer steps, mid-epoch included (exact mid-epoch resume)
     keep: int = 2
+    keep_best: bool = False   # also keep the checkpoint of the best val accuracy (test without a val split)
     save_final: bool = True
 
     def __post_init__(self) -> None:
@@ -59,9 +89,13 @@ class CheckpointConfig:
         if self.dir is not None and (not isinstance(self.dir, str) or not self.dir.strip()):
             raise ValueError(f"dir must be a non-empty path or fsspec URL, or null for <run_dir>/checkpoints, got {self.dir!r}")
         _require_int_at_least("every_epochs", self.every_epochs, 1)
+        if self.every_steps is not None:
+            _require_int_at_least("every_steps", self.every_steps, 1)
         _require_int_at_least("keep", self.keep, 1)
         if not isinstance(self.save_final, bool):
             raise ValueError(f"save_final must be true or false, got {self.save_final!r}")
+        if not isinstance(self.keep_best, bool):
+            raise ValueError(f"keep_best must be true or false, got {self.keep_best!r}")
 
 
 def _require_int_at_least(name: str, value: object, low: int) -> None:
@@ -147,43 +181,145 @@ def _read_bytes(url: str) -> bytes:
     return fs.cat_file(path)
 
 
-def save_state(url: str, state: dict) -> None:
-    """Serialise `state` with torch.save and write it atomically to `url`."""
+def all_finite(state: object) -> bool:
+    """True when every floating tensor and float in ``state`` (nested dicts, lists, tuples) is finite.
+
+    The gate in front of every checkpoint: a state holding NaN or inf must never replace a good one. Tested by each
+    tensor's sum, about ten times cheaper than ``isfinite(t).all()`` on the CPU: a NaN or inf anywhere makes the sum
+    NaN or inf. The converse can fail only by overflow, and the sum runs in float32 or wider, which overflows only
+    for values near 1e38 / numel (1e31 for a 25M-weight model): a state there has diverged in all but name.
+    """
+    for value in _leaves(state):
+        if torch.is_tensor(value):
+            if value.is_floating_point() or value.is_complex():
+                wide = value.dtype if value.element_size() >= 4 else torch.float32
+                if value.numel() and not bool(torch.isfinite(value.sum(dtype=wide))):
+                    return False
+        elif isinstance(value, float) and not math.isfinite(value):
+            return False
+    return True
+
+
+def _leaves(state: object) -> Iterator[object]:
+    """Every non-container value of a nested state, depth first."""
+    stack = [state]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+        else:
+            yield value
+
+
+def _meta_url(url: str) -> str:
+    return url + META_SUFFIX
+
+
+def save_state(url: str, state: dict, *, metric: float | None = None, finite: bool | None = None) -> dict:
+    """Serialise ``state`` with torch.save, write it atomically to ``url``, then its checksum sidecar; returns the
+    sidecar's content (sha256, bytes, finite, metric). ``finite`` saves the scan when the caller has just checked
+    the same state (the trainer's divergence gate); None scans it here."""
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    _atomic_write(url, buffer.getvalue())
+    data = buffer.getbuffer()
+    meta = {"format": META_FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+            "finite": all_finite(state) if finite is None else bool(finite),
+            "metric": float(metric) if metric is not None and math.isfinite(metric) else None}
+    _atomic_write(url, data)
+    _atomic_write(_meta_url(url), (json.dumps(meta, allow_nan=False) + "\n").encode())
+    return meta
 
 
-def _is_format_error(error: RuntimeError) -> bool:
-    """torch reports a file that is not a torch.save zip archive as a RuntimeError from its stream reader."""
-    text = str(error)
-    return "PytorchStreamReader" in text or "zip archive" in text or "central directory" in text
+def _read_meta(url: str) -> dict | None:
+    """The sidecar of ``url`` as a dict; None when there is none; {} when it exists but is unreadable."""
+    fs, path = url_to_fs(_meta_url(url))
+    try:
+        raw = fs.cat_file(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) and meta.get("format") == META_FORMAT else {}
 
 
-def _describe_load_error(error: Exception) -> str:
-    """Boil torch's multi-paragraph loader errors down to the one fact a user needs, on one line."""
-    text = str(error)
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+def _check_bytes(url: str, data: bytes, meta: dict | None) -> tuple[str | None, bool]:
+    """(why ``data`` fails, or None; whether a sidecar vouched for it).
+
+    With a sidecar: length, then SHA-256. Without one: the archive's own CRC32 of every member (torch writes them),
+    which catches a truncated or damaged file too, only less strongly than SHA-256.
+    """
+    if meta == {}:
+        return "its checksum file is damaged or not a sparsetrain checksum file", False
+    if meta is not None:
+        if len(data) != meta.get("bytes"):
+            return f"it holds {len(data)} bytes, its checksum file says {meta.get('bytes')} (truncated?)", True
+        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            return "its SHA-256 does not match its checksum file (damaged after it was written)", True
+        return None, True
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return "empty, truncated, or not a torch.save archive", False
+    if damaged is not None:
+        return f"member {damaged} fails the CRC32 of the archive (damaged)", False
+    return None, False
+
+
+def verify_checkpoint(url: str) -> str | None:
+    """Why the file at ``url`` cannot be trusted (one line), or None when it verifies. Reads the whole file."""
+    try:
+        data = _read_bytes(url)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return "it does not exist"
+    problem, _ = _check_bytes(url, data, _read_meta(url))
+    return problem
+
+
+def _unsafe_detail(error: pickle.UnpicklingError) -> str:
+    """What torch's safe unpickler refused, for the message: the global's name when torch's text names one."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
     if found:
-        return (f"unsafe to load: it contains a pickled {found.group(1)} object, and only tensors, numbers, "
-                "strings, lists and dicts are accepted (weights_only=True)")
-    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-    detail = found.group(1).strip() if found else (text.strip().split(". ")[0].splitlines() or [""])[0]
-    detail = detail or type(error).__name__
-    return f"empty, truncated, corrupt or not written by torch.save ({detail})"
+        return f"a pickled {found.group(1)}"
+    found = re.search(r"function (\S+)", str(error))
+    return f"a call of {found.group(1)}" if found else "pickled objects"
 
 
-def load_state(url: str, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint with weights_only=True; anything else (arbitrary pickles, garbage) is refused in one line."""
+def load_state(url: str, map_location: str | torch.device = "cpu", *, note: Note | None = None) -> dict:
+    """Verify, then load a checkpoint with weights_only=True; anything else (damaged files, arbitrary pickles,
+    garbage) is refused in one line. ``note`` gets the line saying a file without a checksum was loaded.
+
+    Errors are told apart by where they arise, not by torch's wording (which changes between releases): bytes that
+    fail their checksum, or that are not an intact zip archive, are damaged; an UnpicklingError from an archive that
+    verified means torch's safe loader refused what the pickle holds, i.e. the file is unsafe to load.
+    """
     data = _read_bytes(url)
+    problem, vouched = _check_bytes(url, data, _read_meta(url))
+    if problem is not None:
+        raise CheckpointError(f"{url} is not a sparsetrain checkpoint: {problem}")
+    if not vouched:
+        (note or _default_note)(f"note: {url} has no checksum file ({url.rsplit('/', 1)[-1]}{META_SUFFIX}); "
+                                "loaded after checking the archive's own CRC32s")
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and not _is_format_error(error):
-            raise  # e.g. a CUDA map_location on a CPU-only host: a real error, not a bad file
-        raise CheckpointError(f"{url} is not a sparsetrain checkpoint: {_describe_load_error(error)}") from None
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{url} is not a sparsetrain checkpoint: unsafe to load: it contains "
+                              f"{_unsafe_detail(error)}, and only tensors, numbers, strings, lists and dicts are "
+                              "accepted (weights_only=True)") from None
+    except (EOFError, KeyError, ValueError) as error:   # an intact archive whose pickle is not torch.save's
+        raise CheckpointError(f"{url} is not a sparsetrain checkpoint: not written by torch.save "
+                              f"({type(error).__name__}: {str(error).strip()[:80]})") from None
+    except RuntimeError as error:
+        if "PytorchStreamReader" not in str(error):
+            raise   # e.g. a CUDA map_location on a CPU-only host: a real error, not a bad file
+        raise CheckpointError(f"{url} is not a sparsetrain checkpoint: a zip archive, but not torch.save's "
+                              f"({str(error).splitlines()[0][:120]})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{url} is not a sparsetrain checkpoint: it holds a {type(state).__name__}, not a dict")
     return state
@@ -202,12 +338,14 @@ def _ckpt_order(name: str) -> tuple[int, int]:
 
 
 class Checkpointer:
-    """Writes `ckpt-e{epoch}-s{step}.pt` files into one directory, keeps the newest `keep`, tracks `latest`."""
+    """Writes `ckpt-e{epoch}-s{step}.pt` files (each with its checksum sidecar) into one directory, tracks `latest`,
+    and keeps the newest `keep`, plus the newest finite one and, with `keep_best`, the best by its metric."""
 
-    def __init__(self, directory: str, keep: int = 2) -> None:
+    def __init__(self, directory: str, keep: int = 2, keep_best: bool = False) -> None:
         _require_int_at_least("keep", keep, 1)
         self.directory = directory.rstrip("/") or directory
         self.keep = keep
+        self.keep_best = keep_best
         self._fs, self._path = url_to_fs(self.directory)
 
     @staticmethod
@@ -217,11 +355,13 @@ class Checkpointer:
             raise ValueError(f"epoch and step must be >= 0, got epoch={epoch}, step={step}")
         return f"ckpt-e{epoch:04d}-s{step:08d}.pt"
 
-    def save(self, state: dict, *, epoch: int, step: int) -> str:
-        """Write the checkpoint, then the pointer, then prune: a crash at any point leaves a loadable latest."""
+    def save(self, state: dict, *, epoch: int, step: int, metric: float | None = None,
+             finite: bool | None = None) -> str:
+        """Write the checkpoint and its sidecar, then the pointer, then prune: a crash at any point leaves a loadable
+        latest. ``metric`` (higher is better) ranks it for ``keep_best``; ``finite`` as for ``save_state``."""
         name = self.filename(epoch, step)
         url = _join(self.directory, name)
-        save_state(url, state)
+        save_state(url, state, metric=metric, finite=finite)
         _atomic_write(_join(self.directory, LATEST_POINTER), (name + "\n").encode())
         self._prune(keep_name=name)
         return url
@@ -237,6 +377,49 @@ class Checkpointer:
             return _join(self.directory, pointed)
         names = self._names()
         return _join(self.directory, names[-1]) if names else None
+
+    def candidates(self) -> list[str]:
+        """Checkpoint URLs newest first, the pointer's target leading (it names the last save that completed)."""
+        names = self._names()[::-1]
+        pointed = self._read_pointer()
+        if pointed in names:
+            names.remove(pointed)
+            names.insert(0, pointed)
+        return [_join(self.directory, name) for name in names]
+
+    def newest_verified(self, note: Note | None = None) -> str | None:
+        """The newest checkpoint whose bytes verify (``candidates`` order), saying through ``note`` which newer ones
+        it skipped and why; None for a directory without checkpoints. Every checkpoint failing is a CheckpointError:
+        starting from scratch over a damaged run would silently throw its training away."""
+        say = note or _default_note
+        skipped = []
+        for url in self.candidates():
+            problem = verify_checkpoint(url)
+            if problem is None:
+                return url
+            name = url.rsplit("/", 1)[-1]
+            skipped.append(f"{name}: {problem}")
+            say(f"resume: skipping {name}: {problem}")
+        if skipped:
+            raise CheckpointError(f"resume: none of the {len(skipped)} checkpoint(s) in {self.directory} verifies "
+                                  f"({'; '.join(skipped[:3])}); pass resume=<a good checkpoint file>, or move the "
+                                  "directory away to start afresh")
+        return None
+
+    def clean_temporary(self) -> list[str]:
+        """Remove what interrupted writes left here: temporary siblings (``.<name>.tmp-<hex>``) and sidecars whose
+        checkpoint is gone. Call once at start, from the one process that writes here. Returns the removed names."""
+        try:
+            entries = self._fs.ls(self._path, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        names = {str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in entries}
+        stale = sorted(n for n in names if _TMP_RE.match(n)
+                       or (n.endswith(META_SUFFIX) and _CKPT_RE.match(n[:-len(META_SUFFIX)])
+                           and n[:-len(META_SUFFIX)] not in names))
+        for name in stale:
+            self._fs.rm(f"{self._path}/{name}")
+        return stale
 
     def _read_pointer(self) -> str | None:
         """The name stored in `latest`, or None when missing or not a checkpoint name (never a path elsewhere)."""
@@ -256,11 +439,36 @@ class Checkpointer:
         return sorted((n for n in names if _CKPT_RE.match(n)), key=_ckpt_order)
 
     def _prune(self, keep_name: str) -> None:
-        """Delete the oldest files beyond `keep`; the file just written always survives, even if it sorts early."""
-        others = [n for n in self._names() if n != keep_name]
+        """Delete the oldest files beyond `keep`, with their sidecars. Never deleted: the file just written (even if
+        it sorts early), the newest file whose sidecar says it is finite (so a run that went bad keeps its last
+        good state, whatever `keep` says), and with `keep_best` the file with the highest metric (the newest of
+        equals; files without a metric never compete)."""
+        names = self._names()
+        others = [n for n in names if n != keep_name]
         excess = others[: max(0, len(others) - (self.keep - 1))]
+        if not excess:
+            return
+        metas = {name: _read_meta(_join(self.directory, name)) or {} for name in names}
+        protected = {next((n for n in reversed(names) if metas[n].get("finite") is True), None)}
+        if self.keep_best:
+            ranked = [(metas[n]["metric"], i) for i, n in enumerate(names)
+                      if isinstance(metas[n].get("metric"), (int, float)) and metas[n].get("finite") is not False]
+            if ranked:
+                protected.add(names[max(ranked)[1]])
         for name in excess:
+            if name in protected:
+                continue
             self._fs.rm(f"{self._path}/{name}")
+            meta = f"{self._path}/{name}{META_SUFFIX}"
+            if self._fs.exists(meta):
+                self._fs.rm(meta)
+
+    def best(self) -> str | None:
+        """URL of the checkpoint with the highest metric (the newest of equals), or None when none has one."""
+        names = self._names()
+        ranked = [((_read_meta(_join(self.directory, n)) or {}).get("metric"), i) for i, n in enumerate(names)]
+        ranked = [(m, i) for m, i in ranked if isinstance(m, (int, float))]
+        return _join(self.directory, names[max(ranked)[1]]) if ranked else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,24 +476,26 @@ class Checkpointer:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _latest_in(directory: str) -> str | None:
-    """Latest checkpoint directly in `directory`, else in its checkpoints/ subdirectory (a run directory)."""
-    found = Checkpointer(directory).latest()
-    if found is None:
-        found = Checkpointer(_join(directory, CHECKPOINT_SUBDIR)).latest()
-    return found
+def _latest_in(directory: str, note: Note | None = None) -> str | None:
+    """Newest verifying checkpoint directly in `directory`, else in its checkpoints/ subdirectory (a run
+    directory)."""
+    here = Checkpointer(directory)
+    if here.latest() is not None:
+        return here.newest_verified(note)
+    return Checkpointer(_join(directory, CHECKPOINT_SUBDIR)).newest_verified(note)
 
 
-def resolve_resume(resume: str, default_dir: str) -> str | None:
+def resolve_resume(resume: str, default_dir: str, note: Note | None = None) -> str | None:
     """Turn a `resume` setting into one checkpoint URL.
 
-    "auto" -> the latest checkpoint in `default_dir` (or its checkpoints/), or None when there is none yet, so the
-    same command both starts and restarts a preemptible job. Anything else must exist: a checkpoint file -> itself;
-    a checkpoint directory -> its latest; a run directory (has checkpoints/) -> that directory's latest. Nothing
-    there -> FileNotFoundError with a one-line message.
+    "auto" -> the newest checkpoint in `default_dir` (or its checkpoints/) that verifies, or None when there is none
+    yet, so the same command both starts and restarts a preemptible job. Anything else must exist: a checkpoint file
+    -> itself (verified when loaded); a checkpoint directory or a run directory (has checkpoints/) -> its newest
+    checkpoint that verifies. Skipped files are named through ``note``; a directory whose checkpoints all fail is a
+    CheckpointError, nothing there a FileNotFoundError, each with a one-line message.
     """
     if resume == "auto":
-        return _latest_in(default_dir)
+        return _latest_in(default_dir, note)
     fs, path = url_to_fs(resume)
     if fs.isfile(path):
         return resume
@@ -293,7 +503,7 @@ def resolve_resume(resume: str, default_dir: str) -> str | None:
         raise FileNotFoundError(
             f"resume: {resume} does not exist; pass a checkpoint file, a checkpoint directory, a run directory or 'auto'"
         )
-    found = _latest_in(resume)
+    found = _latest_in(resume, note)
     if found is None:
         raise FileNotFoundError(
             f"resume: no checkpoint in {resume} (looked for ckpt-e*-s*.pt there and in {CHECKPOINT_SUBDIR}/); "

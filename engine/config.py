@@ -9,6 +9,8 @@ The rules, shared by every component:
   before any worker starts.
 - A config class may define ``config_variant(data) -> type`` to pick a subclass from the data (sparsity methods do:
   ``method: magnitude`` selects the magnitude config).
+- A config class may define ``renamed: ClassVar[dict[str, str]]``: an old key (``"final_sparsity"``) or an old value
+  (``"scope=local"``) mapped to the fix, so that a config written in an older vocabulary fails naming the new word.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from common import CoercionError, coerce, did_you_mean
+from common import CoercionError, NonFiniteError, coerce, did_you_mean
 
 T = TypeVar("T")
 
@@ -33,8 +35,8 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _describe(tp: Any) -> str:
-    """Human words for a type annotation, used in error messages."""
+def describe(tp: Any) -> str:
+    """Human words for a type annotation, used in error messages and the generated reference (docs/methods.md)."""
     origin, args = get_origin(tp), get_args(tp)
     if tp is bool:
         return "true or false"
@@ -49,12 +51,14 @@ def _describe(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (Union, types.UnionType):
-        parts = [_describe(a) for a in args if a is not type(None)]
+        parts = [describe(a) for a in args if a is not type(None)]
         text = " or ".join(parts)
         return f"{text} or null" if type(None) in args else text
     if origin in (list, tuple, Sequence):
         inner = args[0] if args else Any
-        return f"a list of {_describe(inner).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
+        if get_origin(inner) is Literal:
+            return "a list of values from " + ", ".join(repr(a) for a in get_args(inner))
+        return f"a list of {describe(inner).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
     if origin in (dict, Mapping):
         return "a mapping"
     if dataclasses.is_dataclass(tp):
@@ -77,6 +81,8 @@ def _section(value: Any, cls: type, key: str) -> Any:
 
 def _wrong_value(error: CoercionError) -> str:
     """The config's wording of a value that does not fit: '<key> must be <words>, got <value>'."""
+    if isinstance(error, NonFiniteError):
+        return str(error)
     key, tp, value = error.key, error.annotation, error.value
     args = get_args(tp)
     if get_origin(tp) is Literal:
@@ -84,7 +90,7 @@ def _wrong_value(error: CoercionError) -> str:
     fixed = get_origin(tp) is tuple and args and not (len(args) == 2 and args[1] is Ellipsis)
     if fixed and isinstance(value, (list, tuple)) and len(value) != len(args):
         return f"{key} must be a list of {len(args)} values, got {len(value)}"
-    return f"{key} must be {_describe(tp)}, got {value!r}"
+    return f"{key} must be {describe(tp)}, got {value!r}"
 
 
 def build(cls: type[T], data: Any, path: str = "") -> T:
@@ -102,7 +108,11 @@ def build(cls: type[T], data: Any, path: str = "") -> T:
             raise ConfigError(_prefix(path, str(error), {"method", "name"})) from None
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in data:
+    renamed: Mapping[str, str] = getattr(cls, "renamed", {})
+    for key, value in data.items():
+        old = str(key) if key not in fields else f"{key}={value}" if isinstance(value, str) else None
+        if old in renamed:
+            raise ConfigError(f"{_join(path, old)} is no longer accepted: {renamed[old]}")
         if key not in fields:
             raise ConfigError(f"unknown key '{_join(path, str(key))}'{did_you_mean(key, list(fields))}; "
                               f"valid keys{' under ' + path if path else ''}: {', '.join(fields)}")

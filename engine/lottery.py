@@ -4,8 +4,10 @@
 ``level-01``, ``level-02``, ... each start from the previous level's end state, pruned by ``prune_fraction`` of the
 remaining weights and rewound (``pruning/methods/lottery.py``). A level with ``summary.json`` is done and is skipped;
 an unfinished one continues from its latest checkpoint (``resume=auto``), so re-running the same command after a
-crash picks up where it stopped. Between levels the driver writes ``lottery_end.pt`` into the finished level's
-directory: its trained weights, masks and rewind weights, the only thing the next level reads.
+crash picks up where it stopped. Either happens only when the level's saved config matches the command's (a
+changed ``prune_fraction`` or learning rate is refused in one line, never silently mixed in). Between levels the
+driver writes ``lottery_end.pt`` into the finished level's directory: its trained weights, masks and rewind weights,
+the only thing the next level reads.
 
 Levels run in this process, one after another (no torchrun), and the parent directory must be local: the next
 level's method reads ``lottery_end.pt`` with ``torch.load`` (the pruning package uses torch only).
@@ -19,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import yaml
 
 from engine.checkpoint import Checkpointer, load_state, save_state
-from engine.config import ConfigError
+from engine.config import ConfigError, to_dict
 from engine.run_config import RunConfig
+from engine.run_dirs import config_changes, with_defaults
 from engine.trainer import train
 from pruning.methods.lottery import LotteryConfig
 
@@ -77,9 +81,29 @@ def export_end_state(run_dir: Path) -> str:
     return str(target)
 
 
+def check_levels(cfg: RunConfig) -> None:
+    """Refuse, before any training, levels already on disk that were run under other settings: a finished level is
+    reused and an unfinished one resumed only when its config.yaml matches this command's config of that level
+    (exactly, ``train.epochs`` included, but for where files go and what is logged)."""
+    lottery = check_lottery(cfg)
+    parent = lottery_parent(cfg)
+    for level in range(lottery.levels + 1):
+        saved = parent / level_name(level) / "config.yaml"
+        if not saved.exists():
+            continue
+        previous = str(parent / level_name(level - 1) / END_STATE) if level else None
+        wanted = to_dict(level_config(cfg, level, previous))
+        changes = config_changes(with_defaults(yaml.safe_load(saved.read_text()) or {}), wanted, grow_epochs=False)
+        if changes:
+            shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+            raise ConfigError(f"lottery {parent} has {level_name(level)} from other settings ({shown}); rerun with "
+                              "those values, or start a new lottery with another name")
+
+
 def run_lottery(cfg: RunConfig) -> list[dict[str, Any]]:
     """Train every level (skipping finished ones); returns one summary row per level, also in lottery.json."""
     lottery = check_lottery(cfg)
+    check_levels(cfg)
     parent = lottery_parent(cfg)
     rows: list[dict[str, Any]] = []
     previous: str | None = None

@@ -6,6 +6,9 @@ in one line here, in the launcher, before any worker starts.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -15,12 +18,12 @@ import torch
 import models
 from engine.backends.config import ParallelConfig
 from engine.checkpoint import CheckpointConfig
-from engine.config import apply_overrides, build, read_yaml
+from engine.config import apply_overrides, build, parse_override, read_yaml
 from engine.data import DataConfig
 from engine.losses import check_loss
 from engine.monitor import MonitorConfig
 from engine.optim import LRScheduleConfig, OptimConfig
-from pruning.methods import MethodConfig, RunFacts
+from pruning.methods import MethodConfig, RunFacts, list_methods, method_class
 
 
 @dataclass
@@ -88,6 +91,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty run name without '/', got {self.name!r}")
+        if not 0 <= self.seed < 2**63:     # torch.manual_seed takes a signed 64-bit integer
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed}")
         no_cuda = self.train.device == "cpu" or (self.train.device == "auto" and not torch.cuda.is_available())
         if self.train.precision == "fp16" and no_cuda:
             raise ValueError("train.precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
@@ -113,7 +118,37 @@ class RunConfig:
                              f"train.epochs ({self.train.epochs})")
 
 
+def switch_method(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], str | None]:
+    """When an override names another ``sparsity.method`` than ``data``'s, keep only the sparsity keys the new
+    method also has (density, targets, ...), so that it starts from its own defaults; returns the data and a line
+    naming the dropped keys (None when nothing is dropped).
+
+    Overrides apply after this, so keys given for the new method on the same command line still count."""
+    switched = [value for parts, value in map(parse_override, overrides) if parts == ["sparsity", "method"]]
+    section = data.get("sparsity")
+    if not switched or not isinstance(section, dict):
+        return data, None
+    new, old = switched[-1], section.get("method", "dense")
+    if new == old or not isinstance(new, str) or new not in list_methods():
+        return data, None    # an unknown name fails in build, naming the valid ones
+    fields = {f.name for f in dataclasses.fields(method_class(new).Config)}
+    kept = {k: v for k, v in section.items() if k in fields}
+    dropped = [f"sparsity.{k}" for k in section if k not in fields]
+    if not dropped:
+        return data, None
+    shared = [f"sparsity.{k}" for k in kept if k != "method"]
+    note = (f"sparsity.method={new} replaces {old}: {new} starts from its defaults, dropping {', '.join(dropped)}"
+            + (f" (kept: {', '.join(shared)})" if shared else ""))
+    return {**data, "sparsity": kept}, note
+
+
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """YAML file (optional) + ``key=value`` overrides -> a checked RunConfig."""
+    """YAML file (optional) + ``key=value`` overrides -> a checked RunConfig.
+
+    ``sparsity.method=<other>`` on the command line switches methods: the file's sparsity keys that the other method
+    lacks are dropped, and one line on stderr (rank 0) names them."""
     data = read_yaml(path) if path else {}
+    data, note = switch_method(data, overrides)
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {note}", file=sys.stderr)
     return build(RunConfig, apply_overrides(data, overrides))

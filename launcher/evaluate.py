@@ -14,7 +14,6 @@ the mean per corruption and over everything, are printed and saved as JSON (``<r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,6 +25,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from common import jsonsafe
 from engine.backends import DistEnv, pick_device
 from engine.build import build_model
 from engine.checkpoint import CheckpointError
@@ -105,7 +105,7 @@ def evaluate(path: str, corruptions: str | None, overrides: list[str], output: s
         result.update(_corrupted(model, files, loaders, cfg, device_batches, device, batch_size))
     target = output or _default_output(url)
     with fsspec.open(target, "w") as handle:
-        json.dump(result, handle, indent=2)
+        jsonsafe.dump(result, handle, indent=2)
     result["saved_to"] = target
     return result
 

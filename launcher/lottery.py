@@ -2,7 +2,7 @@
 
 The config's ``sparsity`` section uses ``method: lottery_level`` (levels, prune_fraction, scope, rewind_step); every
 level is a normal training run under ``<output_dir>/<name>/level-NN`` (see ``engine/lottery.py``). Re-running the same
-command skips finished levels and resumes the current one.
+command skips finished levels and resumes the current one; with changed settings it is refused before any training.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from engine.config import ConfigError
-from launcher.common import check, fail, is_worker
+from launcher.common import BadInput, check, fail, is_worker, report_failure
 
 
 def cmd_lottery(args: argparse.Namespace) -> int:
@@ -20,15 +20,19 @@ def cmd_lottery(args: argparse.Namespace) -> int:
         return fail("config", "the lottery command runs its levels in one process; start it without torchrun")
     try:
         cfg = check(args.config, args.overrides)
-        from engine.lottery import check_lottery, format_lottery, lottery_parent, run_lottery
+        from engine.lottery import check_levels, format_lottery, run_lottery
 
-        check_lottery(cfg)
-        lottery_parent(cfg)
+        check_levels(cfg)
     except ConfigError as error:
         return fail("config", str(error))
     except FileNotFoundError as error:
         return fail("data", str(error))
-    rows = run_lottery(cfg)
+    except BadInput as error:
+        return fail(error.kind, str(error))
+    try:
+        rows = run_lottery(cfg)
+    except Exception as error:   # one line; the traceback goes to a log file
+        return report_failure(error, cfg)
     print(format_lottery(rows), file=sys.stdout)
     return 0
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal
 
 import torch.nn as nn
 
-from common import CoercionError, Registry, coerce, did_you_mean, type_name
+from common import CoercionError, NonFiniteError, Registry, coerce, did_you_mean, type_name
 from models.common import ModelConfigError
 
 Builder = Callable[..., nn.Module]
@@ -128,6 +128,8 @@ def _check_builder_signature(name: str, builder: Builder) -> None:
 
 def _wrong_option(error: CoercionError) -> str:
     """The model registry's wording: '<option> must be <type>, got <type found>' (a Literal shows the value)."""
+    if isinstance(error, NonFiniteError):
+        return str(error)
     label, annotation, value = error.key, error.annotation, error.value
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) is Literal:

@@ -4,6 +4,8 @@ Every change goes through :meth:`MaskSet.update`, which (1) zeroes newly pruned 
 their value, zeroes the optimizer state of dropped and regrown weights, (3) refreshes the multipliers used to mask
 gradients, and (4) checks with a cheap checksum that every rank holds the same masks. Gradients of pruned weights are
 masked before every optimizer step, so pruned weights stay exactly zero under momentum, Adam and weight decay.
+The masking is exact whatever the gradient holds: a pruned entry becomes +0.0 even where it was NaN or infinite (a
+multiply by zero would leave NaN there, and the next step would carry it into a pruned weight).
 
 Every read or write of weights, gradients and optimizer state goes through a :class:`ParamAccess`. The default one
 works on the parameters as torch holds them (one process, DDP). A backend that keeps the weights somewhere else too
@@ -13,7 +15,7 @@ built on the MaskSet is right under that backend without knowing about it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +76,8 @@ class ParamAccess:
         return out
 
     def mask_grads_(self, params: Mapping[str, nn.Parameter], factors: Mapping[str, torch.Tensor]) -> None:
-        """Multiply gradients by their 0/1 factors: one fused pass, the hot path of every step."""
+        """Multiply gradients by their 0/1 factors: one fused pass. A backend that keeps gradients elsewhere
+        overrides this; the MaskSet masks torch's own gradients exactly (``and_bits_``) instead of calling it."""
         grads, multipliers = [], []
         for name, factor in factors.items():
             grad = params[name].grad
@@ -98,8 +101,14 @@ class MaskSet:
             name: torch.ones_like(p, dtype=torch.bool, memory_format=torch.contiguous_format)
             for name, p in self.params.items()
         }
-        self._factors: dict[str, torch.Tensor] = {}
+        self._factors: dict[str, torch.Tensor] = {}   # 0/1 multipliers, for an access that masks gradients itself
+        self._bits: dict[str, torch.Tensor] = {}      # all-ones / all-zeros integer words, for torch's own gradients
         self._stale: set[str] = set(self.masks)   # layers whose gradient factor must be rebuilt before it is used
+        # a method whose masks follow a fixed pattern (N:M) sets this; verify() runs it (raises on a broken one)
+        self.pattern_check: Callable[[Mapping[str, torch.Tensor]], None] | None = None
+        # the trainer's divergence check: runs before every checked update (a collective there already), so a method
+        # never drops and grows by NaN weights or gradients; it raises to stop the run instead
+        self.before_update: Callable[[], None] | None = None
 
     # ----------------------------------------------------------------- access
     def __contains__(self, name: str) -> bool:
@@ -124,6 +133,8 @@ class MaskSet:
 
         ``grow_values[name]`` (full-shape tensor) gives the value of regrown weights; the default is zero.
         """
+        if check and self.before_update is not None:
+            self.before_update()
         changes: dict[str, MaskChange] = {}
         with torch.no_grad():
             for name, new in new_masks.items():
@@ -164,6 +175,7 @@ class MaskSet:
         with masks set before it was installed.
         """
         self.access = access
+        self._stale.update(self.masks)     # the gradient masks take the form this access uses
         self.apply_()
 
     def apply_(self) -> None:
@@ -173,26 +185,47 @@ class MaskSet:
                 self.access.fill_(name, self.params[name], ~mask)
 
     def mask_grads_(self) -> None:
-        """Zero the gradients of pruned weights, in one fused pass over the layers that have any."""
+        """Zero the gradients of pruned weights, exactly (+0.0 even where a gradient is NaN), in one pass over the
+        layers that prune anything.
+
+        Torch's own gradients are masked by a bitwise AND of their bits with all-ones (kept) or all-zeros (pruned)
+        words: exact like ``torch.where`` and as fast as the 0/1 multiply (measured on ResNet-18, CPU), where
+        ``masked_fill_`` and ``torch.where`` cost about four times that. An access that keeps gradients elsewhere
+        (DeepSpeed ZeRO) masks them itself with the 0/1 multipliers.
+        """
         if self._stale:
             self._refresh_factors()
-        self.access.mask_grads_(self.params, self._factors)
+        if self._torch_grads():
+            and_bits_(self.params, self._bits)
+        else:
+            self.access.mask_grads_(self.params, self._factors)
+
+    def _torch_grads(self) -> bool:
+        """True when the access leaves gradients where torch holds them (it does not override mask_grads_)."""
+        return type(self.access).mask_grads_ is ParamAccess.mask_grads_
 
     def verify(self) -> None:
-        """Raise if the masks differ across ranks (no-op on a single process)."""
+        """Raise if the masks differ across ranks, or break the ``pattern_check`` a method set."""
         device = next(iter(self.masks.values())).device if self.masks else None
         verify_agreement(self.masks, device=device)
+        if self.pattern_check is not None:
+            self.pattern_check(self.masks)
 
     def _refresh_factors(self) -> None:
-        """Rebuild the gradient-dtype copy of each stale mask that prunes anything (fully dense layers need no
-        multiply). Lazy: a method that changes masks many times before a step (pruning at init's 100 iterations)
-        builds them once."""
+        """Rebuild the gradient masks of each stale layer that prunes anything (fully dense layers need none): bit
+        words for torch's gradients, or 0/1 multipliers of the gradient dtype for an access of its own. Lazy: a
+        method that changes masks many times before a step (pruning at init's 100 iterations) builds them once."""
+        torch_grads = self._torch_grads()
         for name in self._stale:
             mask = self.masks[name]
+            self._factors.pop(name, None)
+            self._bits.pop(name, None)
             if bool(mask.all()):
-                self._factors.pop(name, None)
+                continue
+            param = self.params[name]
+            if torch_grads:
+                self._bits[name] = keep_bits(mask, param)
             else:
-                param = self.params[name]
                 self._factors[name] = mask.to(param.dtype).to(memory_format=_memory_format(param))
         self._stale.clear()
 
@@ -225,6 +258,26 @@ class MaskSet:
             self.masks[name] = mask.to(device=self.masks[name].device, dtype=torch.bool).contiguous()
         self._stale.update(state)
         self.apply_()
+
+
+_BITS_DTYPE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def keep_bits(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Integer words as wide as ``param``'s elements: all ones (-1) where ``mask`` keeps, zero where it prunes,
+    laid out like ``param`` so the AND runs straight through memory."""
+    bits = _BITS_DTYPE[param.element_size()]
+    words = torch.zeros(param.shape, dtype=bits, device=param.device).to(memory_format=_memory_format(param))
+    return words.masked_fill_(mask.to(device=param.device).reshape(param.shape), -1)
+
+
+def and_bits_(params: Mapping[str, nn.Parameter], bits: Mapping[str, torch.Tensor]) -> None:
+    """AND each gradient's bits with its layer's words: kept entries keep every bit (NaN stays NaN, so divergence
+    stays visible), pruned entries become +0.0 whatever they held."""
+    for name, words in bits.items():
+        grad = params[name].grad
+        if grad is not None:
+            grad.view(words.dtype).bitwise_and_(words)
 
 
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:

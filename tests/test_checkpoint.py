@@ -52,9 +52,14 @@ def any_dir(request: pytest.FixtureRequest, memory_dir: str, tmp_path: Path) -> 
 
 
 def _names(directory: str) -> list[str]:
-    """Basenames in a directory, whatever the filesystem."""
+    """Basenames in a directory, whatever the filesystem, less the checksum sidecars (each file written here must
+    have one: checked, then left out; tests/test_checkpoint_integrity.py tests them)."""
     fs, path = fsspec.core.url_to_fs(directory)
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    for name in names:
+        if name.endswith(".pt"):
+            assert f"{name}{ckpt.META_SUFFIX}" in names, name
+    return [name for name in names if not name.endswith(ckpt.META_SUFFIX)]
 
 
 def _rich_state() -> dict:

@@ -128,3 +128,24 @@ def test_numbers_from_text() -> None:
     with pytest.raises(CoercionError):
         coerce("2.0", int)
     assert dataclasses.asdict(build(Probe, {}))["limit"] == 4
+
+
+@pytest.mark.parametrize("place", ["config", "data", "model"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), "nan", "-inf", "1e999"])
+def test_places_refuse_non_finite_numbers_alike(readers: dict[str, Reader], place: str, value: object) -> None:
+    """NaN and infinities are refused in every place with the same words (text only where numbers are parsed)."""
+    if place == "model" and isinstance(value, str):
+        return      # model options never parse text into numbers: a plain type error there
+    with pytest.raises(ValueError) as caught:
+        readers[place]({"ratio": value})
+    assert str(caught.value).endswith(f"ratio must be a finite number, got {value!r}")
+
+
+def test_non_finite_is_refused_inside_unions_and_containers() -> None:
+    from common import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"^clip must be a finite number, got nan$"):
+        coerce(float("nan"), float | None, "clip")
+    with pytest.raises(NonFiniteError, match=r"^steps\[1\] must be a finite number, got inf$"):
+        coerce([1.0, float("inf")], list[float], "steps")
+    assert coerce("null", float | None, "clip") is None and coerce("1e-3", float, "lr") == 0.001

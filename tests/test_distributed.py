@@ -22,7 +22,7 @@ def _torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProces
 def test_two_ranks_end_with_identical_weights_and_masks(tmp_path: Path) -> None:
     overrides = [f"output_dir={tmp_path}", "name=ddp", "data.name=digits", "data.batch_size=32",
                  "data.augment=standard", "model.name=conv", "model.options.width=8", "sparsity.method=random",
-                 "sparsity.density=0.3", "sparsity.scope=local", "sparsity.distribution=erk", "train.epochs=2",
+                 "sparsity.density=0.3", "sparsity.scope=layer", "sparsity.distribution=erk", "train.epochs=2",
                  "train.max_steps_per_epoch=8", "monitor.progress=false", "optim.name=adamw", "optim.lr=0.003",
                  "optim.weight_decay=0.05"]
     result = _torchrun(["tests/ddp_probe.py", str(tmp_path), *overrides])

@@ -88,7 +88,7 @@ def iterative(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, 
 
 def test_prunes_happen_exactly_at_their_times() -> None:
     # steps_per_epoch 5, start 2, every 3, 3 prunes: after 2, 5 and 8 epochs, i.e. t = 10, 25, 40.
-    method = iterative(TwoLinear(), steps_per_epoch=5, epochs=9, final_sparsity=0.875, prunes=3, every_epochs=3,
+    method = iterative(TwoLinear(), steps_per_epoch=5, epochs=9, density=0.125, prunes=3, every_epochs=3,
                        start_epoch=2, scope="layer")
     assert method.prunes.times == [10, 25, 40]
     method.setup()
@@ -116,7 +116,7 @@ def test_prunes_happen_exactly_at_their_times() -> None:
 
 
 def test_start_epoch_zero_prunes_at_setup() -> None:
-    method = iterative(TwoLinear(), steps_per_epoch=5, epochs=2, final_sparsity=0.5, prunes=1, start_epoch=0)
+    method = iterative(TwoLinear(), steps_per_epoch=5, epochs=2, density=0.5, prunes=1, start_epoch=0)
     assert method.prunes.times == [0]
     method.setup()
     assert [int(m.sum()) for _, m in method.masks.items()] == [32, 16]
@@ -128,7 +128,7 @@ def test_smallest_magnitudes_go_first_by_hand() -> None:
     layer = nn.Linear(8, 1, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[-0.3, 5.0, 0.1, -2.0, 0.7, 3.0, -0.05, 1.0]]))
-    method = iterative(layer, steps_per_epoch=1, epochs=3, final_sparsity=0.75, prunes=2, fraction="exponential")
+    method = iterative(layer, steps_per_epoch=1, epochs=3, density=0.25, prunes=2, fraction="exponential")
     method.setup()
     method.after_step(0)                                   # t = 1: keeps 5, 3, -2, 1 (|w| largest)
     assert method.masks["weight"].tolist() == [[False, True, False, True, False, True, False, True]]
@@ -147,7 +147,7 @@ def test_global_scope_one_threshold_by_hand() -> None:
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[1.0, -4.0, 3.0, 2.0], [0.5, 6.0, -7.0, 8.0]]))
         model[1].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.125, 0.2]]))
-    method = iterative(model, steps_per_epoch=1, epochs=2, final_sparsity=0.5, prunes=1, scope="global")
+    method = iterative(model, steps_per_epoch=1, epochs=2, density=0.5, prunes=1, scope="global")
     method.setup()
     method.after_step(0)
     assert method.masks["0.weight"].tolist() == [[False, True, True, True], [False, True, True, True]]
@@ -163,7 +163,7 @@ def test_exact_counts_and_zeros_in_a_real_loop(scope: str, fraction: str) -> Non
     spe, epochs, s, n = 4, 8, 0.9, 4
     model = models.build_model("conv", in_channels=1, image_size=8, num_classes=4)
     optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4))
-    method = iterative(model, optimizer, steps_per_epoch=spe, epochs=epochs, final_sparsity=s, prunes=n,
+    method = iterative(model, optimizer, steps_per_epoch=spe, epochs=epochs, density=1 - s, prunes=n,
                        every_epochs=2, start_epoch=1, scope=scope, fraction=fraction)
     assert method.prunes.times == [4, 12, 20, 28]
     method.setup()
@@ -211,7 +211,7 @@ def test_state_dict_continues_exactly() -> None:
     """Stop after two of three prunes, rebuild from state_dict, continue: the same masks as one uninterrupted method."""
     def make() -> tuple[TwoLinear, IterativePruning]:
         model = TwoLinear()
-        return model, iterative(model, steps_per_epoch=2, epochs=6, final_sparsity=0.8, prunes=3, start_epoch=1)
+        return model, iterative(model, steps_per_epoch=2, epochs=6, density=0.2, prunes=3, start_epoch=1)
 
     model_a, straight = make()
     straight.setup()
@@ -236,14 +236,14 @@ def test_state_dict_continues_exactly() -> None:
 
 
 # ------------------------------------------------------------------ config checks
-BASE = ["sparsity.method=iterative", "sparsity.final_sparsity=0.9", "sparsity.prunes=3", "sparsity.every_epochs=2",
+BASE = ["sparsity.method=iterative", "sparsity.density=0.1", "sparsity.prunes=3", "sparsity.every_epochs=2",
         "sparsity.start_epoch=1"]
 
 
 @pytest.mark.parametrize("override,start", [
     ("sparsity.fraction=linear", "sparsity.fraction "),
-    ("sparsity.final_sparsity=1.0", "sparsity.final_sparsity "),
-    ("sparsity.final_sparsity=0.0", "sparsity.final_sparsity "),
+    ("sparsity.density=1.0", "sparsity.density "),
+    ("sparsity.density=0.0", "sparsity.density "),
     ("sparsity.prunes=0", "sparsity.prunes "),
     ("sparsity.every_epochs=0", "sparsity.every_epochs "),
     ("sparsity.start_epoch=-1", "sparsity.start_epoch "),
@@ -270,7 +270,7 @@ def test_last_prune_needs_a_post_prune_epoch() -> None:
 # ------------------------------------------------------------------ end to end on digits
 SMALL = ["data.name=digits", "data.batch_size=64", "model.name=mlp", "model.options.hidden=[64,32]", "optim.lr=0.05",
          "lr_schedule.name=constant", "monitor.progress=false", "checkpoint.keep=10", "train.epochs=6",
-         "sparsity.method=iterative", "sparsity.final_sparsity=0.9", "sparsity.prunes=3", "sparsity.every_epochs=1",
+         "sparsity.method=iterative", "sparsity.density=0.1", "sparsity.prunes=3", "sparsity.every_epochs=1",
          "sparsity.start_epoch=1", "sparsity.scope=global"]
 STEPS_PER_EPOCH = 23     # 1437 training digits in batches of 64
 

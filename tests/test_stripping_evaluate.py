@@ -50,7 +50,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     np.save(corrupt / "identity.npy", np.tile(images, (5, 1, 1, 1)))
     np.save(corrupt / "black.npy", np.zeros((5 * len(labels), 32, 32, 3), dtype=np.uint8))
     cfg = load_config(None, [f"output_dir={tmp}", "name=run", "data.name=cifar10", f"data.root={tmp / 'data'}",
-                             "data.batch_size=25", "data.augment=none", "data.val_fraction=0.2",
+                             "data.options.verify=false", "data.batch_size=25", "data.augment=none", "data.val_fraction=0.2",
                              "model.name=vit_strip", "model.options.dim=16", "model.options.depth=1",
                              "model.options.heads=2", "model.options.patch_size=8",
                              "sparsity.method=synaptic_stripping", "train.epochs=2", "train.device=cpu", "monitor.progress=false",

@@ -16,8 +16,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from engine.errors import RunStopped
+
 if TYPE_CHECKING:
     from pruning.masks import MaskSet
+
+
+class RankLost(RunStopped):
+    """A collective failed because a rank stopped answering (frozen, swapped out, killed); the message names it."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,10 @@ class Backend:
         """
         return self.wrap(model), optimizer
 
+    def run_files(self) -> dict[str, str]:
+        """Files this backend adds to the run directory after ``prepare`` (name -> text); rank 0 writes them."""
+        return {}
+
     def attach_masks(self, masks: MaskSet | None) -> None:
         """Give the MaskSet this backend's way to reach weights, gradients and optimizer state (torch's: nothing)."""
 
@@ -176,6 +186,11 @@ class Backend:
 
     def shutdown(self) -> None:
         """Undo what this backend did to the process (a single process changes nothing)."""
+
+    def explain_failure(self, error: BaseException) -> RunStopped | None:
+        """A one-line account of ``error`` when it is a failed collective (which rank stopped answering), else None:
+        a single process has no peers to lose."""
+        return None
 
     # --------------------------------------------------------------- state
     def model_state_dict(self) -> dict[str, Any]:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import itertools
 import os
+import threading
+import time
 import weakref
 from typing import Any
 
@@ -18,8 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.backends.base import Backend, DistEnv
+from engine.backends.base import Backend, DistEnv, RankLost
 from engine.backends.config import ParallelConfig
+from engine.errors import RunStopped
+
+# Words in the errors gloo and NCCL raise when a peer stops answering or goes away (gloo raises plain RuntimeErrors
+# naming its own source file); kept narrow, so that a local error (a data loader's timeout) is never blamed on a peer.
+_COMMUNICATION_WORDS = ("gloo", "nccl", "connection closed by peer", "connection reset by peer")
+_backends_made = itertools.count()   # every rank makes the same backends in the same order: a shared tag per run
 
 
 def dist_backend_name(cfg: ParallelConfig, device: torch.device) -> str:
@@ -43,6 +52,39 @@ def init_process_group(cfg: ParallelConfig, env: DistEnv, device: torch.device) 
     return True
 
 
+def is_communication_error(error: BaseException) -> bool:
+    """True for a failed collective: torch's distributed errors, or a RuntimeError in gloo's or NCCL's words."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(word in str(error).lower() for word in _COMMUNICATION_WORDS)
+
+
+def silent_ranks(store: dist.Store, tag: str, rank: int, world_size: int, wait_s: float) -> list[int] | None:
+    """The ranks that do not check in through the job's key-value store within ``wait_s`` seconds.
+
+    Every rank that is still alive after a failed collective writes its key and waits for the others'; a frozen or
+    dead rank never writes. The store lives outside the failed collective (in torchrun's agent, or rank 0), so it
+    still answers. None when the store itself does not answer in time (its host is the rank that stopped).
+    """
+    found: list[list[int]] = []
+
+    def roll_call() -> None:
+        keys = [f"sparsetrain/alive/{tag}/{r}" for r in range(world_size)]
+        store.set(keys[rank], "1")
+        deadline = time.monotonic() + wait_s
+        missing = list(range(world_size))
+        while missing and time.monotonic() < deadline:
+            missing = [r for r in missing if not store.check([keys[r]])]
+            if missing:
+                time.sleep(0.05)
+        found.append(missing)
+
+    caller = threading.Thread(target=roll_call, name="sparsetrain-roll-call", daemon=True)
+    caller.start()
+    caller.join(wait_s + 5.0)
+    return found[0] if found else None
+
+
 class DDPBackend(Backend):
     """Wraps the model in DistributedDataParallel; collectives go through the default process group."""
 
@@ -54,6 +96,7 @@ class DDPBackend(Backend):
         super().__init__(env, device, precision)
         self.cfg = cfg
         self._owns_group = init_process_group(cfg, env, device)
+        self._tag = str(next(_backends_made))
 
     def wrap(self, model: nn.Module) -> nn.Module:
         self._model = model
@@ -89,6 +132,28 @@ class DDPBackend(Backend):
         if self._owns_group and dist.is_initialized():
             self._destroy_group()
         self._owns_group = False
+
+    def explain_failure(self, error: BaseException) -> RunStopped | None:
+        """Name the ranks that stopped answering when ``error`` is a failed collective (a roll call through the
+        store, at most 30 s or the collective timeout); None for any other error."""
+        if not is_communication_error(error) or not dist.is_initialized() or self.env.world_size < 2:
+            return None
+        timeout = f"parallel.timeout_minutes={self.cfg.timeout_minutes:g}"
+        try:
+            store = dist.distributed_c10d._get_default_store()
+        except (RuntimeError, ValueError):
+            return None
+        wait_s = min(30.0, 60.0 * self.cfg.timeout_minutes)
+        silent = silent_ranks(store, self._tag, self.env.rank, self.env.world_size, wait_s)
+        if silent is None:
+            who = "the rank that holds the job's store (rank 0) stopped answering"
+        elif silent:
+            who = f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} stopped answering"
+        else:
+            return None    # everyone is alive: an error of another kind, shown as it is
+        return RankLost(f"{who} (frozen, swapped out or dead): a collective on rank {self.env.rank} failed or waited "
+                        f"past {timeout}; the job stops; continue from the last checkpoint with resume=auto "
+                        "(train --max-restarts N does that by itself)")
 
     def _destroy_group(self) -> None:
         """Destroy the default process group (and every group derived from it)."""

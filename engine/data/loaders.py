@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 
 from engine.data.registry import DatasetParts, DatasetSource, DataShape, DataSpec, get_source, parse_options
-from engine.data.samplers import EpochShuffleSampler, ShardSampler, stratified_split
+from engine.data.samplers import EpochDistributedSampler, EpochShuffleSampler, ShardSampler, stratified_split
 from engine.data.transforms import DeviceNormalize
 
 AugmentChoice = Literal["auto", "none", "standard", "autoaugment"]
@@ -204,7 +204,7 @@ def _map_loaders(parts: DatasetParts, cfg: DataConfig, *, seed: int, rank: int, 
         raise ValueError(f"world_size {world_size} exceeds the {len(train_set)} training samples of {cfg.name!r}")
     train_sampler: Sampler
     if world_size > 1:
-        train_sampler = DistributedSampler(
+        train_sampler = EpochDistributedSampler(
             train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
     else:

@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from common import CoercionError, Registry, coerce, type_name
+from common import CoercionError, NonFiniteError, Registry, coerce, type_name
 
 AUGMENTS = ("none", "standard", "autoaugment")
 
@@ -162,6 +162,8 @@ def parse_options(name: str, options: dict[str, Any]) -> Any:
 
 def _wrong_option(error: CoercionError) -> str:
     """The data options' wording: 'options.<key> must be of type <type>, got <value>'."""
+    if isinstance(error, NonFiniteError):
+        return str(error)
     annotation = error.annotation
     if typing.get_origin(annotation) is list and typing.get_args(annotation) == (str,):
         expected = "a string or a list of strings"

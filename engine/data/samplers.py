@@ -3,15 +3,35 @@
 Training with world_size > 1 uses torch's DistributedSampler (shuffled, seeded, drop_last) so every rank takes the
 same number of steps; evaluation uses `ShardSampler`, which deals indices rank::world_size without padding, so
 summing correct and total over ranks gives exact metrics.
+
+Both training samplers can start their next pass part-way (``skip_next``): a run resumed from a mid-epoch checkpoint
+skips the samples the interrupted epoch already consumed without loading them, and sees the rest in the same order.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
+
+
+class _SkipNext:
+    """``skip_next(n)``: the next pass over the sampler leaves out its first n indices; later passes are whole."""
+
+    _skip = 0
+
+    def skip_next(self, samples: int) -> None:
+        """Called on resume with the samples this rank consumed in the interrupted epoch (whole batches)."""
+        if samples < 0:
+            raise ValueError(f"cannot skip a negative number of samples ({samples})")
+        self._skip = samples
+
+    def _after_skip(self, indices: Iterator[int]) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        return itertools.islice(indices, skip, None) if skip else indices
 
 
 class ShardSampler(Sampler[int]):
@@ -28,7 +48,7 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.size, self.world_size))
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(_SkipNext, Sampler[int]):
     """Single-process shuffle whose order depends only on (seed, epoch), like DistributedSampler, so a run resumed
     at epoch k sees the same order as one that never stopped (a RandomSampler's generator state would be lost)."""
 
@@ -41,10 +61,17 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=gen).tolist())
+        return self._after_skip(iter(torch.randperm(self.size, generator=gen).tolist()))
 
     def __len__(self) -> int:
         return self.size
+
+
+class EpochDistributedSampler(_SkipNext, DistributedSampler):
+    """torch's DistributedSampler (seeded by (seed, epoch), drop_last evens ranks) that can resume mid-epoch."""
+
+    def __iter__(self) -> Iterator[int]:
+        return self._after_skip(super().__iter__())
 
 
 def stratified_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
