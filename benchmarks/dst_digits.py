@@ -26,7 +26,7 @@ COMMON = ["data.name=digits", "data.batch_size=64", "model.name=mlp", "model.opt
 PERIODIC = ["sparsity.density=0.1", "sparsity.period=10"]
 METHODS = {
     "dense": ["sparsity.method=dense"],
-    "static": ["sparsity.method=random", "sparsity.density=0.1", "sparsity.scope=local"],
+    "static": ["sparsity.method=random", "sparsity.density=0.1", "sparsity.scope=layer"],
     "set": ["sparsity.method=set", *PERIODIC],
     "rigl": ["sparsity.method=rigl", *PERIODIC],
     "dsr": ["sparsity.method=dsr", *PERIODIC, "sparsity.period_epochs=[]", "sparsity.periods=[]",
@@ -34,7 +34,7 @@ METHODS = {
     "deep_r": ["sparsity.method=deep_r", "sparsity.density=0.1"],
     "soft_deep_r": ["sparsity.method=soft_deep_r", "sparsity.density=0.1"],
     "hashednet": ["sparsity.method=hashednet", "sparsity.density=0.1"],
-    "iterative": ["sparsity.method=iterative", "sparsity.final_sparsity=0.9", "sparsity.start_epoch=2",
+    "iterative": ["sparsity.method=iterative", "sparsity.density=0.1", "sparsity.start_epoch=2",
                   "sparsity.prunes=8", "sparsity.every_epochs=1"],
 }
 

@@ -43,7 +43,7 @@ def method_config(name: str, args: argparse.Namespace) -> MethodConfig:
     if "period" in fields:
         data.update(period=args.period, period_epochs=[], periods=[])
     if name == "static":
-        data["scope"] = "local"
+        data["scope"] = "layer"
     if name == "dsr":
         data["target_pruned"] = args.target_pruned
     return build(method_class(data["method"]).Config, data, "sparsity")

@@ -73,7 +73,7 @@ class Variant:
         self.optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4))
         self.method = None
         if sparse:
-            cfg = AtInitConfig(method="random", density=args.density, scope="local", distribution="erk")
+            cfg = AtInitConfig(method="random", density=args.density, scope="layer", distribution="erk")
             self.method = build_method(cfg, model, self.optimizer, MethodContext())
             self.method.setup()
         self.count = 0

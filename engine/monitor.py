@@ -3,22 +3,30 @@
 Every rank builds a Monitor so the trainer never branches on rank; ranks other than 0 pass `enabled=False` and every
 call becomes a cheap no-op that touches neither disk nor console.
 
-TensorBoard events go to `<run_dir>/tensorboard`. The SummaryWriter writes local files only, so when `run_dir` is a
-non-local fsspec URL (s3://, gs://, memory://...) events are written to a local temporary directory instead, the
-Monitor prints where, and `close()` copies them to `<run_dir>/tensorboard`. A run that crashes before `close()` keeps
-its events only in that local directory.
+TensorBoard events go to `<run_dir>/tensorboard`, written through TensorBoard's own file layer: plain paths locally,
+any other URL directly where it points (through fsspec; s3:// through boto3 when that is installed; each flush
+appends, so the store's fsspec file system must open files in append mode, as local, memory and s3fs do),
+flushed every FLUSH_SECS and at epoch ends, so a crash loses at most the unflushed tail and nothing is left in a
+temporary folder. Besides scalars the Monitor writes the hparams plugin's session records (one run = one row of its
+table) and a custom-scalars layout (each layer's density beside its target on one chart).
+
+Small CSV tables (the per-epoch `metrics.csv`, the per-update `mask_updates.csv`) live in the run directory; each
+write rewrites the whole file through a temporary name (object stores have no append), keeping the rows an earlier
+process wrote up to the point this one resumed from, so a resumed run never holds a row twice.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shlex
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TextIO
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -28,7 +36,6 @@ __all__ = ["Bar", "Monitor", "MonitorConfig", "format_summary"]
 
 TENSORBOARD_SUBDIR = "tensorboard"
 FLUSH_SECS = 10  # how stale a live `tensorboard` view may get
-_NON_TTY_MININTERVAL = 30.0  # seconds between bar redraws when stderr is a log file, not a terminal
 _MAX_LAYER_ROWS = 40
 _ELIDED_KEEP = 16  # rows kept at each end of an elided layer table
 
@@ -88,8 +95,45 @@ class _TqdmBar:
         self._bar.set_postfix(dict(values), refresh=False)
 
 
+class _LineBar:
+    """Progress for a log file or a cluster job's output: counts steps quietly, then writes one line when closed.
+
+    tqdm's carriage-return frames pile up in a file as one unreadable line per redraw; this keeps one line per epoch.
+    """
+
+    def __init__(self, total: int, desc: str, stream: TextIO) -> None:
+        self._total, self._desc, self._stream = total, desc, stream
+        self._steps = 0
+        self._postfix: dict[str, Any] = {}
+        self._started = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        """Advance by n steps."""
+        self._steps += n
+
+    def set_postfix(self, values: Mapping[str, Any]) -> None:
+        """Remember the latest values (e.g. loss, lr) for the closing line."""
+        self._postfix = dict(values)
+
+    def close(self) -> None:
+        """Write `<desc>: <steps>/<total> steps in <s> s (<rate> steps/s)[, key value ...]`."""
+        elapsed = time.perf_counter() - self._started
+        rate = f" ({self._steps / elapsed:.2f} steps/s)" if elapsed > 0 and self._steps else ""
+        extra = "".join(f", {key} {_plain(value)}" for key, value in self._postfix.items())
+        print(f"{self._desc}: {self._steps}/{self._total} steps in {elapsed:.1f} s{rate}{extra}",
+              file=self._stream, flush=True)
+
+
+def _is_terminal(stream: Any) -> bool:
+    """True when `stream` is an interactive terminal; a closed or isatty-less stream counts as a log."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):   # no isatty, or a closed file
+        return False
+
+
 def _is_local(url: str) -> bool:
-    """True for plain paths and file:// URLs, the only places SummaryWriter can write."""
+    """True for plain paths and file:// URLs (written as plain paths, what `tensorboard --logdir` expects)."""
     return fsspec.utils.get_protocol(url) in ("file", "local")
 
 
@@ -107,28 +151,24 @@ class Monitor:
         self._show_progress = enabled and progress
         self._writer: Any = None
         self._tb_dir: str | None = None
-        self._upload_to: str | None = None
+        self._tables: dict[str, _Table] = {}
+        self._hparams: dict[str, bool | int | float | str] = {}
         if enabled and tensorboard:
             self._open_writer()
 
     def _open_writer(self) -> None:
-        """Create the SummaryWriter locally; for remote run dirs pick a temp dir and remember where to upload."""
+        """Create the SummaryWriter at `<run_dir>/tensorboard` (a plain path locally, the URL itself elsewhere)."""
         from torch.utils.tensorboard import SummaryWriter  # imported here so disabled ranks never load tensorboard
 
         if _is_local(self.run_dir):
             self._tb_dir = os.path.join(url_to_fs(self.run_dir)[1], TENSORBOARD_SUBDIR)
         else:
-            self._tb_dir = tempfile.mkdtemp(prefix="sparsetrain-tensorboard-")
-            self._upload_to = _join(self.run_dir, TENSORBOARD_SUBDIR)
-        os.makedirs(self._tb_dir, exist_ok=True)
+            self._tb_dir = _join(self.run_dir, TENSORBOARD_SUBDIR)
         self._writer = SummaryWriter(log_dir=self._tb_dir, flush_secs=FLUSH_SECS)
-        if self._upload_to is not None:
-            self.print(f"TensorBoard: {self.run_dir} is not a local path; writing events to {self._tb_dir} "
-                       f"and copying them to {self._upload_to} at the end of the run")
 
     @property
     def tensorboard_dir(self) -> str | None:
-        """Local directory holding the event files (what `tensorboard --logdir` needs), or None when off."""
+        """Where the event files are (what `tensorboard --logdir` needs; a URL for remote run dirs), None when off."""
         return self._tb_dir
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
@@ -138,6 +178,47 @@ class Monitor:
         for tag, value in values.items():
             self._writer.add_scalar(tag, float(value), global_step=int(step))
 
+    def custom_scalars(self, layout: Mapping[str, Mapping[str, tuple[str, Sequence[str]]]]) -> None:
+        """Charts of several tags each: category -> chart title -> ("Multiline" or "Margin", [tag regexes])."""
+        if self._writer is not None:
+            self._writer.add_custom_scalars({c: {t: [kind, list(tags)] for t, (kind, tags) in charts.items()}
+                                             for c, charts in layout.items()})
+
+    def hparams_start(self, hparams: Mapping[str, Any]) -> None:
+        """Open this run's row of the hparams table (written at the start, so a run that crashes still shows)."""
+        if self._writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        self._hparams = _hparam_values(hparams)
+        _, start, _ = hparams_summaries(self._hparams, {})
+        self._writer._get_file_writer().add_summary(start)
+
+    def hparams_end(self, metrics: Mapping[str, float], step: int) -> None:
+        """Close the row: the final metrics as `hparams/<name>` scalars (the table's metric columns) and the
+        session's end (status success)."""
+        if self._writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        self.scalars({f"hparams/{name}": value for name, value in metrics.items()}, step)
+        _, _, end = hparams_summaries(self._hparams or {"run": "sparsetrain"}, {})   # status: success
+        self._writer._get_file_writer().add_summary(end)
+
+    def table_rows(self, name: str, rows: Sequence[Mapping[str, Any]], *, columns: Sequence[str], key: str,
+                   since: float) -> None:
+        """Add ``rows`` to the CSV ``<run_dir>/<name>`` and rewrite it (nothing happens for no rows). Rows already in
+        the file are kept while their ``key`` column is <= ``since`` (the epoch or step this process resumed from)
+        and dropped after it; the rows this process added follow. Values missing from a row are left empty."""
+        if not self.enabled or not rows:
+            return
+        table = self._tables.get(name)
+        if table is None:
+            table = self._tables[name] = _Table(_join(self.run_dir, name), list(columns))
+            table.read_before(key, since)
+        table.rows.extend(dict(row) for row in rows)
+        table.write()
+
     def flush(self) -> None:
         """Push pending events to disk now, e.g. at the end of an epoch (the writer also flushes every FLUSH_SECS)."""
         if self._writer is not None:
@@ -145,13 +226,22 @@ class Monitor:
 
     @contextmanager
     def progress(self, total: int, desc: str) -> Iterator[Bar]:
-        """A progress bar over `total` steps that disappears when done; a no-op bar when disabled."""
+        """A progress bar over `total` steps that disappears when done; a no-op bar when disabled.
+
+        The bar goes to stderr. When stderr is not a terminal (a log file, a batch job) there are no redraws: one
+        line per call says how many steps ran and how long they took, written when the block ends.
+        """
         if not self._show_progress:
             yield _NullBar()
             return
-        interactive = sys.stderr.isatty()
-        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
-                   mininterval=0.1 if interactive else _NON_TTY_MININTERVAL)
+        if not _is_terminal(sys.stderr):
+            line = _LineBar(total, desc, sys.stderr)
+            try:
+                yield line
+            finally:
+                line.close()
+            return
+        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.1)
         try:
             yield _TqdmBar(bar)
         finally:
@@ -163,13 +253,11 @@ class Monitor:
             tqdm.write(text)
 
     def close(self) -> None:
-        """Flush and close the writer, then copy events to a remote run dir; safe to call twice."""
+        """Flush and close the writer; safe to call twice."""
         if self._writer is None:
             return
         self._writer.close()
         self._writer = None
-        if self._upload_to is not None and self._tb_dir is not None:
-            _upload_tree(self._tb_dir, self._upload_to)
 
     def __enter__(self) -> Monitor:
         return self
@@ -178,15 +266,55 @@ class Monitor:
         self.close()
 
 
-def _upload_tree(local_dir: str, url: str) -> None:
-    """Copy every file under local_dir to the same relative path under url (file by file: no cp -r nesting rules)."""
-    fs, root = url_to_fs(url)
-    for folder, _, files in os.walk(local_dir):
-        rel = os.path.relpath(folder, local_dir)
-        target = root if rel == "." else f"{root.rstrip('/')}/{rel.replace(os.sep, '/')}"
-        fs.makedirs(target, exist_ok=True)
-        for name in files:
-            fs.put_file(os.path.join(folder, name), f"{target.rstrip('/')}/{name}")
+def _hparam_values(hparams: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+    """Values the hparams plugin accepts: numbers, strings and booleans as they are, anything else as text."""
+    return {key: value if isinstance(value, (bool, int, float, str)) else ("none" if value is None else str(value))
+            for key, value in hparams.items()}
+
+
+class _Table:
+    """One CSV file of the run directory: the rows kept from an earlier process, then this process's rows."""
+
+    def __init__(self, url: str, columns: list[str]) -> None:
+        self.url = url
+        self.columns = columns
+        self.kept: list[dict[str, str]] = []
+        self.rows: list[dict[str, Any]] = []
+
+    def read_before(self, key: str, since: float) -> None:
+        """Keep the existing rows whose ``key`` is <= ``since`` (a row without a number there is dropped)."""
+        fs, path = url_to_fs(self.url)
+        if not fs.exists(path):
+            return
+        with fs.open(path, "r") as handle:
+            for row in csv.DictReader(handle):
+                try:
+                    if float(row.get(key) or "nan") <= since:
+                        self.kept.append(row)
+                except ValueError:
+                    continue
+
+    def write(self) -> None:
+        """Write every row to a temporary name, then move it over the file: a reader never sees half a table."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in [*self.kept, *self.rows]:
+            writer.writerow({c: _cell(row.get(c)) for c in self.columns})
+        fs, path = url_to_fs(self.url)
+        parent = path.rsplit("/", 1)[0]
+        if parent and parent != path:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(path + ".tmp", "w") as handle:
+            handle.write(buffer.getvalue())
+        fs.mv(path + ".tmp", path)
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell: empty for missing values, floats at full precision."""
+    if value is None:
+        return ""
+    return repr(float(value)) if isinstance(value, float) else str(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,9 +383,17 @@ def format_summary(summary: Mapping[str, Any], layers: list[tuple[str, int, int]
 
 def format_run_summary(summary: Mapping[str, Any], run_dir: str, tb_dir: str | None) -> str:
     """The end-of-run table straight from a summary.json mapping (used by the trainer and `launcher report`)."""
-    hidden = {"layers", "run_dir", "best_test_acc", "test_loss", "neurons", "method_metrics"}
+    hidden = {"layers", "run_dir", "best_test_acc", "test_loss", "neurons", "method_metrics", "flops"}
     shown = {key: value for key, value in summary.items() if key not in hidden}
     shown["best_acc"] = summary.get("best_test_acc")
+    for key in ("test_top5", "val_top5"):
+        if key in shown:
+            shown[key] = _percent(shown[key])
+    flops = summary.get("flops")
+    if flops:       # one line: the relative FLOPs papers quote beside accuracy
+        shown["flops"] = (f"inference {100 * flops['inference_relative']:.1f}% of dense "
+                          f"({flops['inference_flops']:.3g} per sample), training "
+                          f"{100 * flops['training_relative']:.1f}% of dense")
     history = (summary.get("neurons") or {}).get("history") or []
     if history:     # the dead-neuron monitor's last census, one line (the per-epoch history stays in the file)
         last = history[-1]

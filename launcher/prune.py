@@ -7,8 +7,9 @@ every method and every compression (log10 of 1 / density) restores the initial w
 per-layer kept counts. Data-free methods need only the data set's shape (``engine.data.data_shape``), so they run
 where the data set is absent. Overrides ``sparsity.KEY=VALUE`` (in the YAML or on the command line) apply to every
 chosen method that has KEY (e.g. ``sparsity.iterations=10``, ``sparsity.targets.exclude_roles=[classifier]``).
-Writes a JSON report and prints tables: kept counts and densities per layer, global density, collapsed layers, and
-the critical compression per method (the largest tested compression up to which no prunable layer kept nothing).
+Writes a JSON report (by default ``prune.json`` in a new directory per run, never overwriting one) and prints
+tables: kept counts and densities per layer, global density, collapsed layers, and the critical compression per
+method (the largest tested compression up to which no prunable layer kept nothing).
 Under torchrun the data-dependent scores are combined over ranks (the process group comes from ``engine.backends``);
 rank 0 writes the report.
 """
@@ -30,9 +31,10 @@ import torch
 
 from engine.backends import Backend, DistEnv, ParallelConfig, build_backend, pick_device
 from engine.build import build_model
-from engine.config import ConfigError, apply_overrides, build, read_yaml
+from engine.config import ConfigError, apply_overrides, build, read_yaml, to_dict, write_yaml
 from engine.data import build_loaders, check_data_available, data_shape
 from engine.run_config import RunConfig
+from engine.run_dirs import claim_new_run_dir
 from launcher.common import fail
 from pruning.methods import MethodConfig, MethodContext, build_method, list_methods, method_class
 from pruning.methods.at_init import PruneAtInit
@@ -40,22 +42,33 @@ from pruning.methods.snip import DataScoredPruning
 from pruning.targets import prunable_parameters
 
 
+MAX_COMPRESSION = 12.0   # density 1e-12 keeps no weight of any model there is; beyond it 10**-c underflows to 0
+
+
 def parse_compressions(text: str) -> list[float]:
     """'0:6:0.25' (start:stop:step, stop included), '1,2,3.5' or '3' -> compressions (log10 of 1 / density)."""
     try:
         if ":" in text:
             start, stop, step = (float(part) for part in text.split(":"))
-            if step <= 0 or stop < start:
+            if not all(map(math.isfinite, (start, stop, step))) or step <= 0 or stop < start:
                 raise ValueError
+            if stop > MAX_COMPRESSION or (stop - start) / step > 10_000:
+                raise ConfigError(f"--compressions '{text}' must stay within 0..{MAX_COMPRESSION:g} in at most "
+                                  "10000 steps, e.g. 0:6:0.5")
             count = math.floor((stop - start) / step + 1e-9) + 1
             values = [round(start + i * step, 10) for i in range(count)]
         else:
             values = [float(part) for part in text.split(",") if part.strip()]
+    except ConfigError:
+        raise
     except ValueError:
         raise ConfigError(f"--compressions '{text}' must be start:stop:step with step > 0, or a comma list, e.g. "
                           "0:6:0.25 or 1,2,3") from None
-    if not values or any(v < 0 for v in values):
-        raise ConfigError(f"--compressions '{text}' must hold compressions >= 0 (log10 of 1 / density)")
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        raise ConfigError(f"--compressions '{text}' must hold finite compressions >= 0 (log10 of 1 / density)")
+    if max(values) > MAX_COMPRESSION:
+        raise ConfigError(f"--compressions '{text}' goes past {MAX_COMPRESSION:g} (density 1e-{MAX_COMPRESSION:g}, "
+                          "below one weight of any model); use smaller compressions, e.g. 0:6:0.5")
     return values
 
 
@@ -238,6 +251,14 @@ def write_report(report: dict[str, Any], output: str) -> None:
         json.dump(report, handle, indent=2)
 
 
+def report_path(cfg: RunConfig) -> str:
+    """``<output_dir>/<name>-prune/prune.json`` in a directory claimed as ``train`` claims its run directory
+    (``-2``, ``-3``, ... when taken), so a second report never overwrites the first; the resolved config sits beside it."""
+    run_dir = claim_new_run_dir(cfg.output_dir, f"{cfg.name}-prune")
+    write_yaml(to_dict(cfg), f"{run_dir}/config.yaml")
+    return f"{run_dir}/prune.json"
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     """Entry point of ``python -m launcher prune``."""
     try:
@@ -263,10 +284,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     finally:
         backend.shutdown()
     if env.is_main:
-        output = args.output or f"{cfg.output_dir.rstrip('/')}/{cfg.name}-prune.json"
+        output = args.output or report_path(cfg)
         write_report(report, output)
         print(format_report(report))
         print(f"\nreport written to {output}")
+        from launcher.report import plot_layer_collapse, png_next_to
+
+        print(f"layer-collapse plot written to {plot_layer_collapse(report, png_next_to(output))}")
     return 0
 
 
@@ -279,5 +303,6 @@ def add_prune_command(commands: Any) -> None:
     prune.add_argument("--compressions", default="0:6:0.5",
                        help="log10 of 1/density: start:stop:step (stop included) or a comma list")
     prune.add_argument("--output", default=None,
-                       help="JSON report path or URL (default <output_dir>/<name>-prune.json)")
+                       help="JSON report path or URL (default: prune.json in a new directory <output_dir>/<name>-prune, "
+                            "-2, -3, ... as train's run directories)")
     prune.set_defaults(run=cmd_prune)

@@ -4,7 +4,9 @@ Bottlenecks put the stride on the 3x3 conv ("ResNet v1.5"), the variant every mo
 (3x3 stride 1, no max-pool) keeps small images (CIFAR, Tiny ImageNet) from being downsampled 4x before stage 1.
 resnet18 with the cifar stem is Synaptic Flow's Tiny ImageNet ResNet-18 (also used at CIFAR), resnet50 the DSR
 paper's ResNet-50 (docs/models.md). `init` (models/common.py): "default" is He-normal fan_out convs, identity BN and
-PyTorch's default linear (torchvision's scheme, and both seeds').
+PyTorch's default linear (torchvision's scheme, and both seeds'). Module names are torchvision's (conv1, bn1,
+layer1..4, fc; blocks conv1..bn3 and `downsample`), so with the imagenet stem a state dict loads strictly into
+`torchvision.models.resnet18/34/50/101/152` and gives the same outputs (tests/test_torchvision_interop.py).
 """
 
 from typing import Callable, Literal
@@ -19,7 +21,10 @@ Stem = Literal["imagenet", "cifar"]
 
 
 def projection(in_planes: int, out_planes: int, stride: int) -> nn.Sequential | None:
-    """1x1 conv + BN shortcut when the residual changes shape, else None (identity)."""
+    """1x1 conv + BN projection (tagged "shortcut") when the residual changes shape, else None (identity).
+
+    Blocks hold it as ``downsample``, torchvision's name, so a state dict loads into ``torchvision.models.resnet*``.
+    """
     if stride == 1 and in_planes == out_planes:
         return None
     conv = nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
@@ -38,12 +43,12 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = projection(in_planes, planes, stride)
+        self.downsample = projection(in_planes, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        identity = x if self.shortcut is None else self.shortcut(x)
+        identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
     def last_bn(self) -> nn.BatchNorm2d:
@@ -66,13 +71,13 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, out_planes, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = projection(in_planes, out_planes, stride)
+        self.downsample = projection(in_planes, out_planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        identity = x if self.shortcut is None else self.shortcut(x)
+        identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
     def last_bn(self) -> nn.BatchNorm2d:

@@ -45,8 +45,8 @@ def to_steps(value: Time, total_steps: int) -> int:
 class ScheduleConfig:
     """``name`` picks the schedule; ``final_sparsity`` is the fraction of weights pruned at the end."""
 
-    name: str = "linear"
-    final_sparsity: float = 0.9
+    name: str = "linear"   # the registered schedule
+    final_sparsity: float = 0.9   # fraction of weights pruned at the end
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.final_sparsity < 1.0:
@@ -63,9 +63,9 @@ class ScheduleConfig:
 class WindowConfig(ScheduleConfig):
     """A schedule that prunes every ``prune_freq`` steps from ``start`` to ``end`` (steps or fractions)."""
 
-    start: Time = 0
-    end: Time = 1.0
-    prune_freq: Time = 100
+    start: Time = 0   # first prune time
+    end: Time = 1.0   # last prune time: final_sparsity is reached here
+    prune_freq: Time = 100   # time between prunes
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,7 +80,7 @@ class WindowConfig(ScheduleConfig):
 class RampConfig(WindowConfig):
     """Linear or cubic ramp from ``initial_sparsity`` at ``start`` to ``final_sparsity`` at ``end``."""
 
-    initial_sparsity: float = 0.0
+    initial_sparsity: float = 0.0   # sparsity at start
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,7 +115,7 @@ class OneShotConfig(ScheduleConfig):
     """Prune once, to ``final_sparsity``, at ``start`` (steps or a fraction of training)."""
 
     name: str = "one_shot"
-    start: Time = 0.5
+    start: Time = 0.5   # the one prune time
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,8 +127,8 @@ class CyclicalConfig(WindowConfig):
     """Cyclical ramp with cycle length ``cycle``: ``half`` restarts from 0 each cycle, ``full`` goes up and down."""
 
     name: str = "cyclical"
-    cycle: Time = 0.1
-    mode: Literal["half", "full"] = "half"
+    cycle: Time = 0.1   # cycle length
+    mode: Literal["half", "full"] = "half"   # half: restart from 0 each cycle; full: up and down
 
     def __post_init__(self) -> None:
         super().__post_init__()

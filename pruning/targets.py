@@ -25,8 +25,8 @@ _KINDS: dict[str, tuple[type[nn.Module], ...]] = {
 class TargetConfig:
     """Rule selecting prunable weights: layer kinds, minus excluded roles and name patterns."""
 
-    layers: list[LayerKind] = field(default_factory=lambda: ["conv", "linear"])
-    exclude_roles: list[str] = field(default_factory=list)
+    layers: list[LayerKind] = field(default_factory=lambda: ["conv", "linear"])   # layer kinds that are prunable
+    exclude_roles: list[str] = field(default_factory=list)   # roles kept dense: stem, shortcut, classifier...
     exclude: list[str] = field(default_factory=list)   # fnmatch patterns on parameter names, e.g. "head.*"
 
     def __post_init__(self) -> None:

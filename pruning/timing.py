@@ -44,6 +44,18 @@ class UpdatePeriods:
             return False
         return t % self.period_at(step // self.steps_per_epoch) == 0
 
+    def first_due(self) -> int | None:
+        """The first update time t, or None when no update falls before ``stop_step`` (checked epoch by epoch, so
+        long runs cost nothing)."""
+        for epoch in range(-(-self.stop_step // self.steps_per_epoch)):
+            period = self.period_at(epoch)
+            lo = epoch * self.steps_per_epoch + 1                       # t of the epoch's first step
+            hi = min((epoch + 1) * self.steps_per_epoch, self.stop_step)
+            first = -(-lo // period) * period
+            if first <= hi:
+                return first
+        return None
+
 
 class DropFraction:
     """SET's drop fraction f_t: constant f, or cosine f / 2 (1 + cos(pi t / T_end)) with t capped at T_end."""

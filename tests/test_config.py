@@ -28,7 +28,7 @@ BAD_INPUTS = [
     (["sparsity.method=magnitud"], "sparsity.method 'magnitud' is not a known sparsity method (did you mean "
                                    "'magnitude'?); valid: deep_r, dense, "),
     (["sparsity.method=random", "sparsity.distribution=erk"],
-     "sparsity.distribution 'erk' sets per-layer budgets; it needs scope: local (set sparsity.scope=local)"),
+     "sparsity.distribution 'erk' sets per-layer budgets; it needs scope: layer (set sparsity.scope=layer)"),
     (["sparsity.targets.exclude_roles=[head]"], "sparsity.targets.exclude_roles has unknown role 'head'"),
     (["model.name=resnet19"], "model: unknown model 'resnet19'"),
     (["model.name=mlp", "model.options.widht=3"], "model: model mlp has no option 'widht'"),
@@ -73,9 +73,9 @@ def test_defaults_build_and_round_trip_through_yaml(tmp_path: Path) -> None:
 
 
 def test_overrides_create_sections_and_switch_method() -> None:
-    data = apply_overrides({"sparsity": {"method": "magnitude", "scope": "local"}}, ["sparsity.method=random",
+    data = apply_overrides({"sparsity": {"method": "magnitude", "scope": "layer"}}, ["sparsity.method=random",
                                                                                      "model.options.hidden=[8]"])
-    assert data == {"sparsity": {"method": "random", "scope": "local"}, "model": {"options": {"hidden": [8]}}}
+    assert data == {"sparsity": {"method": "random", "scope": "layer"}, "model": {"options": {"hidden": [8]}}}
 
 
 def test_quickstart_config_is_valid() -> None:

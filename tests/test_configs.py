@@ -74,10 +74,7 @@ def test_dsr_recipes() -> None:
         assert (cfg.lr_schedule.name, cfg.lr_schedule.milestones, cfg.lr_schedule.gamma, cfg.train.epochs) == (
             "step", [60, 120, 160], 0.2, 200)
         assert cfg.sparsity.targets.exclude_roles == ["stem", "shortcut", "classifier"], name
-        if hasattr(cfg.sparsity, "density"):
-            assert cfg.sparsity.density == 0.1, name
-        else:
-            assert cfg.sparsity.final_sparsity == 0.9, name
+        assert cfg.sparsity.density == 0.1, name
     for name in ("dsr", "set"):
         sparsity = wrn[f"wrn28_2_{name}"].sparsity
         assert (sparsity.period_epochs, sparsity.periods) == ([0, 25, 80, 140], [100, 200, 400, 800])

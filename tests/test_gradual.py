@@ -119,7 +119,7 @@ def test_union_mask_cycles_by_hand() -> None:
     # s_f 0.5, cycles [0, 2], [2, 4], last cycle [4, 6]; prune every step; one 1x4 layer, layer scope.
     layer = nn.Linear(4, 1, bias=False)
     set_weight(layer, [4.0, 3.0, 2.0, 1.0])
-    cfg = UnionMaskConfig(method="union_mask", final_sparsity=0.5, start=0, end=6, cycles=3, prune_freq=1,
+    cfg = UnionMaskConfig(method="union_mask", density=0.5, start=0, end=6, cycles=3, prune_freq=1,
                           scope="layer")
     method = build_method(cfg, layer, None, MethodContext(steps_per_epoch=6))
     method.setup()
@@ -151,8 +151,8 @@ def test_union_mask_cycles_by_hand() -> None:
 
 
 def test_union_mask_config_checks() -> None:
-    with pytest.raises(ValueError, match="^final_sparsity"):
-        UnionMaskConfig(final_sparsity=0.0)
+    with pytest.raises(ValueError, match="^density"):
+        UnionMaskConfig(density=0.0)
     with pytest.raises(ValueError, match="^cycles must be at least 2"):
         UnionMaskConfig(cycles=1)
     with pytest.raises(ValueError, match="^end 2.0 is a float"):
@@ -166,7 +166,7 @@ def test_union_mask_config_checks() -> None:
 
 def test_union_mask_cycles_round_to_whole_steps() -> None:
     # 10 steps in 3 cycles: boundaries 0, 3, 7, 10 (rounded); the ramp reaches s_f on each cycle's last step.
-    method = build_method(UnionMaskConfig(method="union_mask", final_sparsity=0.6, end=10, cycles=3, prune_freq=2),
+    method = build_method(UnionMaskConfig(method="union_mask", density=0.4, end=10, cycles=3, prune_freq=2),
                           nn.Linear(4, 1), None, MethodContext(steps_per_epoch=10))
     cycles = method.cycles
     assert cycles.bounds == [0, 3, 7, 10] and cycles.last_start == 7
@@ -233,7 +233,7 @@ CASES = [
 
 def build_case(method: str, options: dict, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int):
     if method == "union_mask":
-        cfg = UnionMaskConfig(method=method, final_sparsity=0.9, start=4, end=steps - 12, cycles=4, prune_freq=3,
+        cfg = UnionMaskConfig(method=method, density=0.1, start=4, end=steps - 12, cycles=4, prune_freq=3,
                               targets=TargetConfig(), **options)
     else:
         schedule = (ExponentialConfig(final_sparsity=0.9, start=0.1, end=0.8, prune_freq=5) if method == "unit" else
@@ -284,7 +284,7 @@ SMALL = ["data.name=digits", "data.batch_size=64", "model.name=conv", "model.opt
          "checkpoint.keep=5"]
 GRADUAL = ["sparsity.method=gradual", "sparsity.schedule.name=cubic", "sparsity.schedule.final_sparsity=0.8",
            "sparsity.schedule.start=2", "sparsity.schedule.end=1.0", "sparsity.schedule.prune_freq=4"]
-UNION = ["sparsity.method=union_mask", "sparsity.final_sparsity=0.8", "sparsity.start=0", "sparsity.end=18",
+UNION = ["sparsity.method=union_mask", "sparsity.density=0.2", "sparsity.start=0", "sparsity.end=18",
          "sparsity.cycles=3", "sparsity.prune_freq=2", "sparsity.targets.exclude_roles=[classifier]"]
 
 

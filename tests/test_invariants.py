@@ -25,7 +25,7 @@ def test_pruned_weights_stay_exactly_zero(optim_cfg: OptimConfig, method: str) -
     torch.manual_seed(0)
     model = models.build_model("conv", in_channels=1, image_size=8, num_classes=4)
     optimizer = build_optimizer(model, optim_cfg)
-    sparsity = build_method(AtInitConfig(method=method, density=0.2, scope="local", distribution="erk"), model,
+    sparsity = build_method(AtInitConfig(method=method, density=0.2, scope="layer", distribution="erk"), model,
                             optimizer, MethodContext(seed=3))
     sparsity.setup()
     backend = Backend(DistEnv(), torch.device("cpu"))

@@ -37,7 +37,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "dsr": dict(period=2, period_epochs=[], periods=[], target_pruned=4),
     "gradual": dict(schedule=LinearConfig(final_sparsity=0.8, start=1, end=10, prune_freq=2)),
     "unit": dict(schedule=LinearConfig(final_sparsity=0.5, start=1, end=10, prune_freq=2)),
-    "union_mask": dict(final_sparsity=0.8, start=0, end=10, cycles=3, prune_freq=1),
+    "union_mask": dict(density=0.2, start=0, end=10, cycles=3, prune_freq=1),
     "iterative": dict(prunes=3, every_epochs=1, start_epoch=1),
     "deep_r": dict(temperature=1e-3, l1=1e-4),
     "soft_deep_r": dict(temperature=1e-3, l1=1e-3),

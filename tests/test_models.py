@@ -136,11 +136,11 @@ def test_vit_module_names_for_pruning() -> None:
 
 def test_shortcuts_are_tagged() -> None:
     resnet = dict(_build_meta("resnet50", in_channels=3, image_size=64, num_classes=10).named_modules())
-    assert get_role(resnet["layer1.0.shortcut.0"]) == "shortcut"
-    assert get_role(resnet["layer2.0.shortcut.0"]) == "shortcut"
+    assert get_role(resnet["layer1.0.downsample.0"]) == "shortcut"
+    assert get_role(resnet["layer2.0.downsample.0"]) == "shortcut"
     cifar = dict(_build_meta("resnet20", in_channels=3, image_size=32, num_classes=10).named_modules())
-    assert cifar["layer1.0"].shortcut is None
-    assert get_role(cifar["layer2.0.shortcut.0"]) == "shortcut"
+    assert cifar["layer1.0"].downsample is None
+    assert get_role(cifar["layer2.0.downsample.0"]) == "shortcut"
     wrn = dict(_build_meta("wrn28_2", in_channels=3, image_size=32, num_classes=10).named_modules())
     assert get_role(wrn["block1.0.shortcut"]) == "shortcut"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -61,21 +60,77 @@ def test_scalars_land_in_event_file(tmp_path: Path) -> None:
     monitor.scalars({"late/value": 1.0}, step=99)  # after close: ignored, no crash
 
 
-def test_remote_run_dir_writes_locally_and_copies_at_close(capsys: pytest.CaptureFixture[str]) -> None:
+def test_remote_run_dir_written_in_place_with_no_temporary_folder(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))     # a temporary folder would show up here
     run_dir = f"memory://sparsetrain-monitor-{uuid.uuid4().hex}/run"
     monitor = Monitor(run_dir, enabled=True, progress=False)
-    local = monitor.tensorboard_dir
-    assert local is not None and os.path.isdir(local)
-    assert local in capsys.readouterr().out  # says where the events really are
+    assert monitor.tensorboard_dir == f"{run_dir}/tensorboard"
     monitor.scalars({"train/loss": 2.0}, step=1)
+    monitor.flush()
+    assert _read_scalars(monitor.tensorboard_dir)["train/loss"] == [(1, 2.0)]   # there before close: a crash keeps it
+    monitor.scalars({"train/loss": 1.0}, step=2)
     monitor.close()
-    assert _read_scalars(local)["train/loss"] == [(1, 2.0)]
+    assert _read_scalars(f"{run_dir}/tensorboard")["train/loss"] == [(1, 2.0), (2, 1.0)]
+    assert _all_files(tmp_path) == []
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    fs.rm(path.rsplit("/", 1)[0], recursive=True)
 
-    fs, path = fsspec.core.url_to_fs(f"{run_dir}/tensorboard")
-    uploaded = fs.ls(path, detail=False)
-    assert len(uploaded) == 1 and "tfevents" in uploaded[0]
-    assert fs.cat_file(uploaded[0]) == Path(local, os.path.basename(uploaded[0])).read_bytes()
-    fs.rm(path.rsplit("/", 2)[0], recursive=True)
+
+def test_hparams_row_and_custom_scalars_layout(tmp_path: Path) -> None:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    monitor = Monitor(str(tmp_path / "run"), enabled=True, progress=False)
+    monitor.hparams_start({"method": "rigl", "sparsity.density": 0.1, "sparsity.stop_epoch": None,
+                           "sparsity.periods": [1, 2], "seed": 3, "nesterov": True})
+    monitor.custom_scalars({"density": {"fc.weight": ("Multiline", ["^sparsity/layer/fc\\.weight$",
+                                                                    "^sparsity/target/fc\\.weight$"])}})
+    monitor.hparams_end({"test_acc": 0.75}, step=12)
+    monitor.close()
+    accumulator = EventAccumulator(monitor.tensorboard_dir)
+    accumulator.Reload()
+    hparams = accumulator.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    values = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert values == {"method": "rigl", "sparsity.density": 0.1, "sparsity.stop_epoch": "none",
+                      "sparsity.periods": "[1, 2]", "seed": 3.0, "nesterov": True}
+    end = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_end_info"]).session_end_info
+    assert end.status == 1     # STATUS_SUCCESS
+    assert "_hparams_/experiment" not in hparams   # the plugin builds the table from every run's session records
+    assert [(e.step, e.value) for e in accumulator.Scalars("hparams/test_acc")] == [(12, 0.75)]
+    assert list(accumulator.PluginTagToContent("custom_scalars")) == ["custom_scalars__config__"]
+    stored = accumulator.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    layout = layout_pb2.Layout.FromString(stored)
+    chart = layout.category[0].chart[0]
+    assert (layout.category[0].title, chart.title) == ("density", "fc.weight")
+    assert list(chart.multiline.tag) == ["^sparsity/layer/fc\\.weight$", "^sparsity/target/fc\\.weight$"]
+
+
+# ------------------------------------------------------------------------------------------------ CSV tables
+
+
+def test_table_rows_rewrite_and_resume_without_duplicates(tmp_path: Path) -> None:
+    columns = ("epoch", "loss", "acc")
+    first = Monitor(str(tmp_path), enabled=True, tensorboard=False, progress=False)
+    first.table_rows("metrics.csv", [], columns=columns, key="epoch", since=0)
+    assert not (tmp_path / "metrics.csv").exists()          # no rows, no file
+    for epoch in (1, 2, 3):
+        first.table_rows("metrics.csv", [{"epoch": epoch, "loss": 1.0 / epoch}], columns=columns, key="epoch",
+                         since=0)
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == [
+        "epoch,loss,acc", "1,1.0,", "2,0.5,", f"3,{1 / 3!r},"]
+    # a run resumed from its epoch-2 checkpoint: epoch 3 is trained again and must not appear twice
+    resumed = Monitor(str(tmp_path), enabled=True, tensorboard=False, progress=False)
+    resumed.table_rows("metrics.csv", [{"epoch": 3, "loss": 0.25, "acc": 0.5}], columns=columns, key="epoch",
+                       since=2)
+    resumed.table_rows("metrics.csv", [{"epoch": 4, "loss": 0.125}], columns=columns, key="epoch", since=2)
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == [
+        "epoch,loss,acc", "1,1.0,", "2,0.5,", "3,0.25,0.5", "4,0.125,"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]     # no temporary file left
+    silent = Monitor(str(tmp_path / "other"), enabled=False)
+    silent.table_rows("metrics.csv", [{"epoch": 1}], columns=columns, key="epoch", since=0)
+    assert not (tmp_path / "other").exists()
 
 
 def test_tensorboard_off_creates_nothing(tmp_path: Path) -> None:
@@ -175,3 +230,16 @@ def test_format_summary_elides_long_layer_lists() -> None:
 
     short = format_summary({}, layers[:40], "/r", None)
     assert "elided" not in short and "blocks.39.weight" in short
+
+
+def test_run_summary_shows_flops_and_top5_in_one_line_each() -> None:
+    from engine.monitor import format_run_summary
+
+    summary = {"test_acc": 0.5, "best_test_acc": 0.6, "test_top5": 0.875, "density": 0.1, "run_dir": "/r",
+               "layers": {"fc.weight": {"numel": 100, "kept": 10, "nonzero": 10}},
+               "flops": {"inference_relative": 0.125, "inference_flops": 2500.0, "training_relative": 0.25,
+                         "layers": {"fc.weight": {"dense_flops": 200, "relative": 0.1}}}}
+    text = format_run_summary(summary, "/r", None)
+    assert "  test_top5       87.50%" in text
+    assert "  flops           inference 12.5% of dense (2.5e+03 per sample), training 25.0% of dense" in text
+    assert "dense_flops" not in text

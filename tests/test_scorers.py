@@ -265,7 +265,7 @@ def test_structured_snip_keeps_whole_units_by_row_norm_of_saliency() -> None:
     assert mask.all(dim=1).tolist() == [i == best for i in range(3)]
     assert int(mask.sum()) == 2 and (mask.all(dim=1) | ~mask.any(dim=1)).all()
     with pytest.raises(ValueError, match="scope must be global"):
-        StructuredSNIPConfig(method="structured_snip", scope="local")
+        StructuredSNIPConfig(method="structured_snip", scope="layer")
 
 
 # ----------------------------------------------------------------------------------------------- the command

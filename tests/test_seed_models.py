@@ -622,7 +622,7 @@ def test_uniform_and_xavier_schemes() -> None:
     assert isinstance(mlp.out_norm, nn.BatchNorm1d)
     # xavier leaves the 1x1 shortcuts at PyTorch's constructor init (bound 1/sqrt(fan_in)), as the Union Mask code
     resnet = _ours("resnet32", 32, 100, width=32, init="xavier").requires_grad_(False)
-    shortcut = resnet.layer2[0].shortcut[0].weight
+    shortcut = resnet.layer2[0].downsample[0].weight
     assert float(shortcut.abs().max()) <= 1.0 / 32**0.5
     body = resnet.layer3[1].conv1.weight
     assert abs(float(body.std()) / (2.0 / (2 * 9 * 128)) ** 0.5 - 1) < 0.02

@@ -15,7 +15,7 @@ from engine.run_config import load_config
 from engine.trainer import train
 
 SMALL = ["data.name=digits", "data.batch_size=64", "model.name=mlp", "model.options.hidden=[32]",
-         "optim.lr=0.05", "sparsity.method=magnitude", "sparsity.density=0.2", "sparsity.scope=local",
+         "optim.lr=0.05", "sparsity.method=magnitude", "sparsity.density=0.2", "sparsity.scope=layer",
          "sparsity.distribution=erk", "monitor.progress=false",
          "train.max_steps_per_epoch=6", "data.augment=standard"]
 

@@ -12,7 +12,12 @@ and, like DDP, destroys only a process group it created.
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
+import json
+import logging
 import os
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +26,48 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.backends.base import DistEnv, EnvChanges
-from engine.backends.config import ParallelConfig
+from engine.backends.config import ParallelConfig, merge_deepspeed
 from engine.backends.ddp import DDPBackend
 from engine.backends.zero import ZeroAccess, flat_partitions, gather_groups, scatter_group
 
 if TYPE_CHECKING:
     from pruning.masks import MaskSet
+
+
+def _rank() -> int:
+    """This process's global rank as the launcher set it (0 in a one-process run)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class _QuietOtherRanks(logging.Filter):
+    """DeepSpeed logs its start-up (accelerator choice, op builds) on every rank; keep rank 0's, and errors from all.
+
+    Rank 0 loses two messages that say nothing the user can act on: DeepSpeed's "untested optimizer" warning (the
+    config opts in on purpose: our optimizers are torch's own) and, when DS_ACCELERATOR=cpu chose the CPU, torch's
+    "No CUDA runtime is found" from the extension builder DeepSpeed imports.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        if _rank() != 0:
+            return False
+        message = record.getMessage()
+        if "untested optimizer" in message:
+            return False
+        return not ("No CUDA runtime is found" in message and os.environ.get("DS_ACCELERATOR") == "cpu")
+
+
+# Before the import: DeepSpeed logs while it is imported. Filters survive DeepSpeed's own logger set-up.
+for _name in ("DeepSpeed", "torch.utils.cpp_extension"):
+    logging.getLogger(_name).addFilter(_QuietOtherRanks())
+# DeepSpeed's ZeRO calls an API torch deprecates: nothing a user can change, and "once" does not hold it (it came back
+# after every run in a process), so it is dropped; torch's other deprecation warnings still show.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
 
 # Importing DeepSpeed sets variables too (PYTORCH_NVML_BASED_CUDA_CHECK); the first backend puts them back with its own.
 _IMPORT_CHANGES = EnvChanges()
@@ -38,7 +79,8 @@ DEFAULT_BUCKET = 500_000_000   # DeepSpeed's own default bucket size (elements)
 
 def deepspeed_config(cfg: ParallelConfig, precision: str, *, micro_batch_size: int, grad_accum_steps: int,
                      clip_grad_norm: float | None, model_numel: int) -> dict[str, Any]:
-    """The DeepSpeed config for our settings, with ``deepspeed_extra`` merged in (one level deep for sections).
+    """The DeepSpeed config for our settings, with the user's keys (``parallel.deepspeed_config``'s file, then
+    ``parallel.deepspeed_extra``) merged in, one level deep for sections.
 
     Buckets are capped at the model's size: DeepSpeed allocates them whole on every micro-step, and its 5e8-element
     default cost 0.4 s per allocation on the CPU for a model a thousand times smaller.
@@ -54,12 +96,7 @@ def deepspeed_config(cfg: ParallelConfig, precision: str, *, micro_batch_size: i
         "zero_allow_untested_optimizer": True,   # our torch optimizers (fused SGD, AdamW) are plain torch ones
         "steps_per_print": 2**31 - 1,             # the monitor reports; keep DeepSpeed's log quiet
     }
-    for key, value in cfg.deepspeed_extra.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
-    return config
+    return merge_deepspeed(config, cfg.deepspeed_keys())
 
 
 def _forget_stale_groups() -> None:
@@ -99,7 +136,10 @@ class DeepSpeedBackend(DDPBackend):
                 for key, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank),
                                    ("WORLD_SIZE", env.world_size)):
                     os.environ.setdefault(key, str(value))        # DeepSpeed reads them; unset in a one-process run
-                deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+                # it prints ("... built successfully") on every rank: keep rank 0's
+                quiet = contextlib.redirect_stdout(io.StringIO()) if env.rank else contextlib.nullcontext()
+                with quiet:
+                    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
                 _forget_stale_groups()
         except BaseException:
             self.shutdown()          # nobody else can: the caller never receives this backend
@@ -110,6 +150,13 @@ class DeepSpeedBackend(DDPBackend):
         self._boundary = True
         self._partitioned = False
         self._optimizer: torch.optim.Optimizer | None = None
+        self.ds_config: dict[str, Any] | None = None
+
+    def run_files(self) -> dict[str, str]:
+        """The DeepSpeed config this run used, as ``deepspeed_config.json``: what to hand DeepSpeed to reproduce it."""
+        if self.ds_config is None:
+            return {}
+        return {"deepspeed_config.json": json.dumps(self.ds_config, indent=2, sort_keys=True) + "\n"}
 
     def shutdown(self) -> None:
         """Free the engine, destroy the process group if this backend created it, and put the environment back.
@@ -155,8 +202,9 @@ class DeepSpeedBackend(DDPBackend):
         for param in model.parameters():   # compare strides: a channels_last 1x1 kernel counts as contiguous
             if param.data.stride() != torch.empty(param.shape, device="meta").stride():
                 param.data = param.data.clone(memory_format=torch.contiguous_format)
+        self.ds_config = config
         with self._env_changes.watch():
-            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(config))
         self.module = self.engine
         self._partitioned = any(hasattr(p, "_hp_mapping") for p in model.parameters())
         if self._partitioned:

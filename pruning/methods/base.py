@@ -33,8 +33,8 @@ from pruning.targets import TargetConfig, prunable_parameters
 class MethodConfig:
     """Settings every method shares; ``method`` selects the subclass through the registry."""
 
-    method: str = "dense"
-    targets: TargetConfig = field(default_factory=TargetConfig)
+    method: str = "dense"   # the registered method's name
+    targets: TargetConfig = field(default_factory=TargetConfig)   # which weights are prunable (see sparsity.targets)
 
     @classmethod
     def config_variant(cls, data: dict[str, Any]) -> type[MethodConfig]:
@@ -46,6 +46,13 @@ class MethodConfig:
         """Refuse settings that cannot work with the rest of the run (raise ValueError naming ``sparsity.<key>``).
 
         Called while the whole config is checked, before any worker starts."""
+
+    def check_length(self, steps_per_epoch: int, epochs: int) -> list[str]:
+        """Refuse a setting that does nothing within a run of ``epochs`` x ``steps_per_epoch`` optimizer steps (an
+        update period longer than the run, a ramp that ends after it: raise ValueError naming ``sparsity.<key>`` and
+        the fix), and return one-line warnings for settings that take no effect but can be intended (a sweep over
+        run lengths). The trainer calls it once the epoch's length is known, before the method is built."""
+        return []
 
 
 @dataclass(frozen=True)

@@ -70,11 +70,11 @@ class DeepRConfig(MethodConfig):
     the module docstring), which also changes the defaults of temperature (0) and grow_magnitude (1e-8)."""
 
     density: float = 0.1
-    distribution: Literal["uniform", "er", "erk"] = "uniform"
+    distribution: Literal["uniform", "er", "erk"] = "uniform"   # initial per-layer budgets
     temperature: float | None = None        # None: 1e-10 (bellec), 0 (spiking, the published scripts' value)
-    l1: float = 1e-5
+    l1: float = 1e-5   # l1 prior on active connections
     grow_magnitude: float | None = None     # None: 1e-12 (bellec), 1e-8 (spiking, the reference's eps)
-    stop_epoch: int | None = None
+    stop_epoch: int | None = None   # no rewiring from this epoch on; null: never stop
     log_every: int = 100
     style: Literal["bellec", "spiking"] = "bellec"    # spiking: Adam step sizes, dense start, excess revival
 
@@ -101,6 +101,21 @@ class DeepRConfig(MethodConfig):
             raise ValueError(f"stop_epoch must be non-negative or null, got {self.stop_epoch}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be at least 1 step, got {self.log_every}")
+
+    def check_length(self, steps_per_epoch: int, epochs: int) -> list[str]:
+        """No rewiring at all fails; a stop after the run's end, or a log interval longer than it, warns."""
+        if self.stop_epoch == 0:
+            raise ValueError(f"sparsity.stop_epoch=0: {self.method} would never rewire; set sparsity.stop_epoch=null "
+                             "(or later), or use a static method")
+        notes = []
+        if self.stop_epoch is not None and self.stop_epoch > epochs:
+            notes.append(f"sparsity.stop_epoch={self.stop_epoch} is after the run's {epochs} epochs: rewiring never "
+                         "stops")
+        total = steps_per_epoch * epochs
+        if self.log_every > total:
+            notes.append(f"sparsity.log_every={self.log_every} is longer than the run ({total} steps): no rewiring "
+                         "count is ever logged")
+        return notes
 
     def check_run(self, run: RunFacts) -> None:
         if self.style == "spiking" and run.optimizer not in ("adam", "adamw"):

@@ -71,7 +71,7 @@ def dsr_shares(total: int, survivors: list[int], capacity: list[int], generator:
 
 @register_method("dsr")
 class DSR(DynamicSparse):
-    """Dynamic sparse reparameterisation, as ALGORITHMS.md section 3 writes it.
+    """Dynamic sparse reparameterisation, as the method specification writes it.
 
     (1) Drop every active weight with |w| < H (one global threshold), but keep each layer's largest active weight
     so no layer empties. (2) K = the number dropped; layer l regrows floor(K R_l / sum R) (R_l = its surviving

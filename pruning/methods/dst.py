@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -41,10 +41,10 @@ class DSTConfig(MethodConfig):
 
     density: float = 0.1
     distribution: Literal["uniform", "er", "erk"] = "uniform"
-    period: int = 100
-    period_epochs: list[int] = field(default_factory=list)
-    periods: list[int] = field(default_factory=list)
-    stop_epoch: int | None = None
+    period: int = 100   # steps between updates (until period_epochs[0])
+    period_epochs: list[int] = field(default_factory=list)   # epochs at which periods[i] takes over
+    periods: list[int] = field(default_factory=list)   # steps between updates from period_epochs[i] on
+    stop_epoch: int | None = None   # no update from this epoch on; null: never stop
     grow_init: GrowInit = "zero"
 
     def __post_init__(self) -> None:
@@ -64,6 +64,38 @@ class DSTConfig(MethodConfig):
             raise ValueError(f"stop_epoch must be non-negative or null, got {self.stop_epoch}")
         if self.grow_init not in ("zero", "reinit"):
             raise ValueError(f"grow_init must be zero or reinit, got {self.grow_init!r}")
+        default_period = next(f.default for f in fields(DSTConfig) if f.name == "period")
+        if self.period_epochs and self.period_epochs[0] == 0 and self.period != default_period:
+            raise ValueError(f"period {self.period} is never used: periods takes over from epoch 0 "
+                             f"(period_epochs={self.period_epochs}); set sparsity.period_epochs=[] sparsity.periods=[] "
+                             "for one constant period, or change sparsity.periods")
+
+    def check_length(self, steps_per_epoch: int, epochs: int) -> list[str]:
+        """Refuse a schedule with no update in the run; warn about a stop or a period change beyond its end."""
+        times = UpdatePeriods(self.period, self.period_epochs, self.periods, self.stop_epoch, steps_per_epoch, epochs)
+        total = steps_per_epoch * epochs
+        if times.first_due() is None:
+            run = f"{total} steps ({epochs} epochs of {steps_per_epoch})"
+            if times.stop_step == 0:
+                raise ValueError(f"sparsity.stop_epoch=0: {self.method} would never update its masks; set "
+                                 "sparsity.stop_epoch=null (or later), or use a static method")
+            if self.periods and self.period_epochs[0] == 0:
+                key = f"sparsity.periods={self.periods} (from epochs {self.period_epochs})"
+            else:
+                key = f"sparsity.period={self.period}"
+            raise ValueError(f"{key}: {self.method} would never update its masks in this run of {run}; use a "
+                             f"shorter period (e.g. sparsity.period={max(1, min(steps_per_epoch, total // 10))} "
+                             "sparsity.period_epochs=[] sparsity.periods=[]) or train longer")
+        notes = []
+        if self.stop_epoch is not None and self.stop_epoch > epochs:
+            notes.append(f"sparsity.stop_epoch={self.stop_epoch} is after the run's {epochs} epochs: updates never "
+                         "stop (a cosine drop fraction still decays towards that epoch)")
+        end = epochs if self.stop_epoch is None else min(epochs, self.stop_epoch)
+        late = [e for e in self.period_epochs if e >= end]
+        if late:
+            notes.append(f"sparsity.period_epochs {late} start after the last update epoch ({end - 1}): those "
+                         "periods never take effect")
+        return notes
 
 
 class DynamicSparse(MaskedMethod, abc.ABC):
@@ -87,6 +119,7 @@ class DynamicSparse(MaskedMethod, abc.ABC):
         self.updates = 0
         self.last_changes: dict[str, MaskChange] = {}
         self.last_step = -1
+        self.ever_active: dict[str, torch.Tensor] = {}   # per weight: active at any time so far (reporting only)
 
     def make_scope(self) -> Scope:
         """Per-layer budgets of single weights with the configured distribution."""
@@ -96,6 +129,8 @@ class DynamicSparse(MaskedMethod, abc.ABC):
     def setup(self) -> None:
         """Random units at the scope's exact per-layer budgets (seeded: the same on every rank)."""
         self.masks.update(random_masks(self.scope, self.config.density, self.context.seed), optimizer=self.optimizer)
+        self.ever_active = {}
+        self.mark_active()
 
     def before_step(self, step: int) -> None:
         """On update steps of a class that grows by gradient, copy the dense gradient before it is masked."""
@@ -123,6 +158,7 @@ class DynamicSparse(MaskedMethod, abc.ABC):
             new = self.new_masks(step, grads)
         self.last_changes = self.masks.update(new, optimizer=self.optimizer, grow_values=self.grow_values(step))
         self.check_conserved(before)
+        self.mark_active()
         self.updates += 1
         self.last_step = step
         event = self.metrics()      # per update: churn, DSR's threshold and reallocation, and per-layer density
@@ -162,6 +198,19 @@ class DynamicSparse(MaskedMethod, abc.ABC):
                                "drop-and-grow must conserve it")
 
     # ------------------------------------------------------------ reporting
+    def mark_active(self) -> None:
+        """OR the current masks into the ever-active masks (created from the current masks the first time)."""
+        for name, mask in self.masks.items():
+            seen = self.ever_active.get(name)
+            self.ever_active[name] = mask.clone() if seen is None else seen.logical_or_(mask)
+
+    def ever_active_fraction(self) -> dict[str, float]:
+        """Per layer, the fraction of its weights active at some time of the run so far (how far the method
+        explored beyond its initial mask)."""
+        if not self.ever_active:
+            self.mark_active()
+        return {name: int(seen.count_nonzero()) / seen.numel() for name, seen in self.ever_active.items()}
+
     def layer_targets(self) -> dict[str, float] | None:
         return self.scope.targets(self.config.density)
 
@@ -179,6 +228,7 @@ class DynamicSparse(MaskedMethod, abc.ABC):
         state["updates"] = self.updates
         state["last_step"] = self.last_step
         state["skipped"] = self.skipped
+        state["ever_active"] = {name: seen.cpu() for name, seen in self.ever_active.items()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -186,6 +236,10 @@ class DynamicSparse(MaskedMethod, abc.ABC):
         self.updates = int(state.get("updates", 0))
         self.last_step = int(state.get("last_step", -1))
         self.skipped = int(state.get("skipped", 0))
+        # a checkpoint from before ever-active tracking starts it from the restored masks
+        self.ever_active = {name: seen.to(device=self.masks[name].device, dtype=torch.bool).clone()
+                            for name, seen in (state.get("ever_active") or {}).items() if name in self.masks}
+        self.mark_active()
 
 
 # ---------------------------------------------------------------------------------------------------- SET / RigL
@@ -196,7 +250,7 @@ class SETConfig(DSTConfig):
     Typical f for WRN-28-2 at 90% sparsity: 0.138 (the DSR paper's SET baseline); RigL's paper uses 0.3, cosine."""
 
     drop_fraction: float = 0.3
-    drop_decay: Literal["constant", "cosine"] = "constant"
+    drop_decay: Literal["constant", "cosine"] = "constant"   # f_t: constant f, or cosine decay to 0 at T_end
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -15,7 +15,7 @@ from pruning.scores import grasp_scores, hessian_gradient_product, mean_loss_gra
 class GraSPConfig(DataScoredConfig):
     """temperature T divides the logits before the loss (200 in the paper)."""
 
-    temperature: float = 200.0
+    temperature: float = 200.0   # T: divides the logits before the loss
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -7,7 +7,7 @@ i.e. at t = (start_epoch + j*k) * steps_per_epoch optimizer steps (t = 0 is ``se
     cubic (default):  d_{j+1} = 1 - s + s (1 - (j+1)/n)^3
     exponential:      d_{j+1} = (1 - s)^((j+1)/n)
 
-where s = ``final_sparsity``. The fraction of the remaining weights removed by prune j is therefore
+where s = 1 - ``density`` (the final sparsity). The fraction of the remaining weights removed by prune j is therefore
 
     cubic:        f_j = 1 - (1 - s + s (1 - (j+1)/n)^3) / (1 - s + s (1 - j/n)^3)
     exponential:  f_j = 1 - (1 - s)^(1/n) (the same at every prune).
@@ -36,24 +36,25 @@ ITERATIVE_SCOPES = {"layer": "layer", "global": "global"}   # config word -> reg
 
 @dataclass
 class IterativeConfig(MethodConfig):
-    """final_sparsity s; prunes n, every_epochs k apart, the first when start_epoch epochs are done; fraction: the
+    """density: the fraction kept after the last prune (s = 1 - density); prunes n, every_epochs k apart, the first when start_epoch epochs are done; fraction: the
     per-prune schedule (cubic or exponential); scope: layer (each layer alike) or global (one threshold).
 
     start_epoch defaults to 1: "from dense" means the first prune sees trained magnitudes, and one epoch is the
     shortest training that gives them; 0 is allowed and prunes the initial weights at setup.
     """
 
-    final_sparsity: float = 0.9
-    prunes: int = 5
-    every_epochs: int = 1
-    start_epoch: int = 1
+    renamed: ClassVar[dict[str, str]] = {
+        "final_sparsity": "use sparsity.density=<1 - final_sparsity> (the fraction kept, as in every method)"}
+    density: float = 0.1
+    prunes: int = 5   # n: the number of magnitude prunes
+    every_epochs: int = 1   # k: epochs between prunes
+    start_epoch: int = 1   # dense epochs before the first prune
     fraction: FractionKind = "cubic"
     scope: IterativeScope = "layer"
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.final_sparsity < 1.0:
-            raise ValueError(f"final_sparsity must be in (0, 1) (the fraction of weights pruned at the end), "
-                             f"got {self.final_sparsity}")
+        if not 0.0 < self.density < 1.0:
+            raise ValueError(f"density must be in (0, 1) (the fraction of weights kept at the end), got {self.density}")
         if self.prunes < 1:
             raise ValueError(f"prunes must be at least 1, got {self.prunes}")
         if self.every_epochs < 1:
@@ -65,6 +66,11 @@ class IterativeConfig(MethodConfig):
             raise ValueError(f"fraction must be one of {', '.join(FRACTION_KINDS)}, got {self.fraction!r}")
         if self.scope not in ITERATIVE_SCOPES:
             raise ValueError(f"scope must be one of {', '.join(ITERATIVE_SCOPES)}, got {self.scope!r}")
+
+    @property
+    def final_sparsity(self) -> float:
+        """s = 1 - density, the sparsity the formulas are written in."""
+        return 1.0 - self.density
 
     def last_prune_epoch(self) -> int:
         """Epochs done at the last prune: start_epoch + (prunes - 1) * every_epochs."""

@@ -32,9 +32,9 @@ class LotteryConfig(MethodConfig):
 
     levels: int = 10
     prune_fraction: float = 0.2
-    scope: Literal["global", "layer"] = "global"
+    scope: Literal["global", "layer"] = "global"   # global: one threshold; layer: each layer alike
     rewind_step: Time | None = 0          # steps or a fraction of a level's training; null: no rewinding
-    level: int = 0
+    level: int = 0   # set by the lottery driver: this run's level
     previous: str | None = None           # local file: the previous level's trained weights, masks, rewind weights
 
     def __post_init__(self) -> None:
@@ -52,6 +52,15 @@ class LotteryConfig(MethodConfig):
         if (self.level > 0) != (self.previous is not None):
             raise ValueError("previous must name the previous level's end state exactly when level > 0; run the "
                              "levels with `python -m launcher lottery CONFIG`")
+
+    def check_length(self, steps_per_epoch: int, epochs: int) -> list[str]:
+        """Rewinding to a step after a level's end would never record the weights to rewind to."""
+        total = steps_per_epoch * epochs
+        if self.rewind_step is not None and to_steps(self.rewind_step, total) > total:
+            raise ValueError(f"sparsity.rewind_step={self.rewind_step} is after a level's last step ({total} = "
+                             f"{steps_per_epoch} steps per epoch x {epochs} epochs); give a smaller step or a "
+                             "fraction of training (a float)")
+        return []
 
 
 @register_method("lottery_level")

@@ -26,7 +26,7 @@ class SynFlowConfig(AtInitConfig):
     """iterations: 100 as in the paper; precision auto: float32, and float64 when float32 under- or overflows."""
 
     iterations: int = 100
-    train_mode: bool = False
+    train_mode: bool = False   # score in train mode (batch-norm statistics)
     precision: Literal["auto", "float32", "float64"] = "auto"
 
 

@@ -16,7 +16,7 @@ Defaults keep shortcuts and the classifier dense, as the Union Mask experiments 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -29,23 +29,24 @@ from pruning.timing import UnionCycles
 
 @dataclass
 class UnionMaskConfig(MethodConfig):
-    """final_sparsity at ``end``; cycle length ``cycle`` or a number of ``cycles`` (default 10) from start to end;
-    start / end / cycle / prune_freq: steps or fractions of training."""
+    """density: the fraction of weights kept at ``end`` (s_f = 1 - density); cycle length ``cycle`` or a number of
+    ``cycles`` (default 10) from start to end; start / end / cycle / prune_freq: steps or fractions of training."""
 
+    renamed: ClassVar[dict[str, str]] = {
+        "final_sparsity": "use sparsity.density=<1 - final_sparsity> (the fraction kept, as in every method)"}
     targets: TargetConfig = field(default_factory=lambda: TargetConfig(exclude_roles=["shortcut", "classifier"]))
-    final_sparsity: float = 0.9
-    start: Time = 0
-    end: Time = 0.5
-    cycle: Time | None = None   # C, as ALGORITHMS.md writes it
+    density: float = 0.1
+    start: Time = 0   # when the first cycle starts
+    end: Time = 0.5   # when the last ramp reaches the density
+    cycle: Time | None = None   # C, as the method specification writes it
     cycles: int | None = None   # or the number of cycles, the last one included (10 when neither is given)
-    prune_freq: Time = 100
-    scope: WeightScope = "unit"
+    prune_freq: Time = 100   # steps (or fraction) between prunes
+    scope: WeightScope = "unit"   # unit (every row/filter alike), layer or global
     carry_mask: bool = False    # within the cycles before the last; the last cycle always carries the mask
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.final_sparsity < 1.0:
-            raise ValueError(f"final_sparsity must be in (0, 1) (the fraction of weights pruned), "
-                             f"got {self.final_sparsity}")
+        if not 0.0 < self.density < 1.0:
+            raise ValueError(f"density must be in (0, 1) (the fraction of weights kept at the end), got {self.density}")
         check_time("start", self.start, zero_ok=True)
         check_time("end", self.end, zero_ok=False)
         if self.cycle is not None and self.cycles is not None:
@@ -59,6 +60,16 @@ class UnionMaskConfig(MethodConfig):
         if self.scope not in WEIGHT_SCOPES:
             raise ValueError(f"scope must be one of {', '.join(WEIGHT_SCOPES)}, got {self.scope!r}")
 
+    def check_length(self, steps_per_epoch: int, epochs: int) -> list[str]:
+        """The cycles and the last ramp must fit the run (``UnionCycles`` says why not)."""
+        total = max(1, steps_per_epoch * epochs)
+        try:
+            UnionCycles(1.0 - self.density, self.start, self.end, self.cycle, self.cycles, self.prune_freq, total)
+        except ValueError as error:
+            raise ValueError(f"sparsity.{error} (a run of {steps_per_epoch} steps per epoch x {epochs} epochs)") \
+                from None
+        return []
+
 
 @register_method("union_mask")
 class UnionMask(ScheduledPruning):
@@ -71,7 +82,7 @@ class UnionMask(ScheduledPruning):
                  context: MethodContext) -> None:
         super().__init__(config, model, optimizer, context)
         cfg = self.config
-        self.cycles = UnionCycles(cfg.final_sparsity, cfg.start, cfg.end, cfg.cycle, cfg.cycles, cfg.prune_freq,
+        self.cycles = UnionCycles(1.0 - cfg.density, cfg.start, cfg.end, cfg.cycle, cfg.cycles, cfg.prune_freq,
                                   self.total_steps)
         self.union: dict[str, torch.Tensor] = {}
         self.union_sparsity: float | None = None   # largest per-layer sparsity of U, set at end - C
@@ -103,7 +114,7 @@ class UnionMask(ScheduledPruning):
             self.masks.update({n: u.clone() for n, u in self.union.items()}, optimizer=self.optimizer,
                               grow_values=self.stored)
             largest = max(1.0 - float(u.sum()) / u.numel() for u in self.union.values())
-            self.union_sparsity = min(largest, self.config.final_sparsity)   # per-unit rounding can overshoot
+            self.union_sparsity = min(largest, self.cycles.final)   # per-unit rounding can overshoot
             self.target = 1.0 - self.masks.density()
         else:
             self.masks.update({n: torch.ones_like(m) for n, m in self.masks.items()}, optimizer=self.optimizer,
