@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from engine.config import ConfigError
 from tune.results import best_row, format_table, plot, write_csv
-from tune.spec import Distribution, flatten_space, load_sweep
-from tune.trainable import TuneReporter, checkpoint_at, resume_point
+from tune.spec import PBT_MUTABLE, Distribution, flatten_space, load_sweep
+from tune.trainable import TuneReporter, carry_mutations, checkpoint_at, resume_point
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
@@ -116,10 +117,47 @@ def test_sweep_file_errors(tmp_path: Path) -> None:
     assert "scheduler.name must be one of" in _error(tmp_path, ("scheduler.name=hyperband",))
     assert "needs a validation split" in _error(tmp_path, ("base.data.val_fraction=0",))
     assert "the sweep sets name" in _error(tmp_path, ("set.name=x",))
-    assert "scheduler.name pbt is not built yet" in _error(tmp_path, ("scheduler.name=pbt",))
     assert "grace_period (4) is longer than train.epochs (3)" in _error(tmp_path, ("scheduler.grace_period=4",))
-    assert "workers_per_trial > 1" in _error(tmp_path, ("resources.workers_per_trial=2",))
+    assert "workers_per_trial must be at least 1" in _error(tmp_path, ("resources.workers_per_trial=0",))
+    assert "parallel.backend is none" in _error(tmp_path, ("resources.workers_per_trial=2",
+                                                           "base.parallel.backend=none"))
     assert "config file" in _error(tmp_path, base=str(tmp_path / "missing.yaml"))
+
+
+def test_pbt_accepts_only_keys_that_can_change_mid_run(tmp_path: Path) -> None:
+    pbt = ("scheduler.name=pbt", "num_samples=2")
+    plan = load_sweep(_sweep(tmp_path, space={"optim.lr": {"loguniform": [0.01, 0.2]},
+                                              "sparsity.drop_fraction": {"choice": [0.1, 0.3]}}), pbt)
+    assert plan.sweep.scheduler.name == "pbt" and set(plan.space) <= set(PBT_MUTABLE)
+    message = _error(tmp_path, pbt, space={"sparsity.density": {"choice": [0.05, 0.1]}})
+    assert message.startswith("scheduler pbt: space.sparsity.density cannot change in the middle of a run")
+    assert "optim.lr, sparsity.drop_fraction" in message
+    assert "is a grid" in _error(tmp_path, pbt, space={"optim.lr": {"grid": [0.01, 0.1]}})
+    assert "needs a population" in _error(tmp_path, ("scheduler.name=pbt",))
+    assert "multiple of checkpoint.every_epochs (2)" in _error(tmp_path, (*pbt, "base.checkpoint.every_epochs=2"))
+    assert "shorter than train.epochs (3)" in _error(tmp_path, (*pbt, "scheduler.perturbation_interval=3"))
+    assert "quantile_fraction must be in (0, 0.5]" in _error(tmp_path, (*pbt, "scheduler.quantile_fraction=0.7"))
+
+
+def test_pbt_explore_stays_inside_the_declared_ranges() -> None:
+    from tune.runner import InRange
+
+    clip = InRange(flatten_space({"optim.lr": {"uniform": [0.01, 0.1]}, "seed": {"randint": [0, 5]},
+                                  "sparsity.drop_fraction": {"choice": [0.1, 0.3]}}))
+    assert clip({"optim.lr": 0.12, "seed": 6, "sparsity.drop_fraction": 0.3}) == \
+        {"optim.lr": 0.1, "seed": 4, "sparsity.drop_fraction": 0.3}
+    assert clip({"optim.lr": 0.05, "seed": -1}) == {"optim.lr": 0.05, "seed": 0}
+
+
+def test_carry_mutations_rescales_the_lr_schedule_and_records_the_new_values() -> None:
+    state = {"lr_schedule": {"step": 30, "base_lrs": [0.1, 0.05]},
+             "config": {"optim": {"lr": 0.1, "momentum": 0.9}, "sparsity": {"method": "set", "drop_fraction": 0.3}}}
+    run = {"optim": {"lr": 0.02, "momentum": 0.5}, "sparsity": {"method": "set", "drop_fraction": 0.2}}
+    assert carry_mutations(state, run) == {"optim.lr": [0.1, 0.02], "sparsity.drop_fraction": [0.3, 0.2]}
+    assert state["lr_schedule"] == {"step": 30, "base_lrs": [pytest.approx(0.02), pytest.approx(0.01)]}
+    assert state["config"]["optim"] == {"lr": 0.02, "momentum": 0.9}      # only PBT's keys are carried
+    assert state["config"]["sparsity"]["drop_fraction"] == 0.2
+    assert carry_mutations(state, run) == {}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("optuna") is not None, reason="optuna is installed here")
@@ -155,18 +193,32 @@ def test_checkpoint_at_takes_that_epoch_or_the_newest_before(tmp_path: Path) -> 
 
 
 def test_resume_point_own_dir_and_copy_from_another_trial(tmp_path: Path) -> None:
+    from engine.checkpoint import META_SUFFIX, load_state, save_state, verify_checkpoint
+
     own, donor = tmp_path / "trial_a", tmp_path / "trial_b"
     _ckpt(own, 1, 10), _ckpt(own, 3, 30)
-    assert resume_point(str(own), {"run_dir": str(own), "epoch": 1}).endswith("ckpt-e0001-s00000010.pt")
-    _ckpt(donor, 2, 20, "donor weights")
-    copied = resume_point(str(own), {"run_dir": str(donor), "epoch": 2})
-    assert copied == f"{own}/checkpoints/ckpt-e0002-s00000020.pt"
-    assert Path(copied).read_text() == "donor weights"
-    assert sorted(p.name for p in (own / "checkpoints").iterdir()) == ["ckpt-e0002-s00000020.pt"]
+    assert resume_point(str(own), {"run_dir": str(own), "epoch": 1}) == (f"{own}/checkpoints/ckpt-e0001-s00000010.pt",
+                                                                         {})
+    state = {"weights": torch.arange(3.0), "lr_schedule": {"step": 20, "base_lrs": [0.1]},
+             "config": {"optim": {"lr": 0.1}}}
+    (donor / "checkpoints").mkdir(parents=True)
+    save_state(str(donor / "checkpoints" / "ckpt-e0002-s00000020.pt"), state)
+    save_state(str(own / "checkpoints" / "ckpt-e0002-s00000020.pt"), {"weights": torch.zeros(3)})   # same name
+    copied, changed = resume_point(str(own), {"run_dir": str(donor), "epoch": 2}, {"optim": {"lr": 0.05}})
+    assert copied == f"{own}/checkpoints/ckpt-e0002-s00000020.pt" and changed == {"optim.lr": [0.1, 0.05]}
+    assert verify_checkpoint(copied) is None            # a fresh checksum file, not the stale one of the same name
+    loaded = load_state(copied)
+    assert torch.equal(loaded["weights"], torch.arange(3.0)) and loaded["config"] == {"optim": {"lr": 0.05}}
+    assert loaded["lr_schedule"]["base_lrs"] == [pytest.approx(0.05)]
+    assert sorted(p.name for p in (own / "checkpoints").iterdir()) == ["ckpt-e0002-s00000020.pt",
+                                                                      f"ckpt-e0002-s00000020.pt{META_SUFFIX}"]
 
 
-def test_reporter_sends_a_pointer_checkpoint_only_when_the_engine_saves(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reporter_reports_after_the_save_with_a_pointer_to_the_written_file(monkeypatch: pytest.MonkeyPatch,
+                                                                            tmp_path: Path) -> None:
     from ray import tune
+
+    from engine.trainer import train
 
     sent = []
 
@@ -175,15 +227,19 @@ def test_reporter_sends_a_pointer_checkpoint_only_when_the_engine_saves(monkeypa
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 pointer = json.loads((Path(folder) / "sparsetrain_pointer.json").read_text())
+            # the file the pointer names is on disk when Tune gets the pointer
+            found = checkpoint_at(pointer["run_dir"], pointer["epoch"])
+            assert found is not None and Path(found).name.startswith(f"ckpt-e{pointer['epoch']:04d}-")
         sent.append((metrics, pointer))
 
     monkeypatch.setattr(tune, "report", report)
-    reporter = TuneReporter("/runs/trial_x", epochs=5, every_epochs=2, save_final=True)
-    for epoch in range(5):
-        assert reporter.on_epoch_end(epoch, {"val/acc": 0.1 * epoch}) is False
-    assert [p for _, p in sent] == [None, {"run_dir": "/runs/trial_x", "epoch": 2}, None,
-                                    {"run_dir": "/runs/trial_x", "epoch": 4}, {"run_dir": "/runs/trial_x", "epoch": 5}]
-    assert sent[3][0] == {"val/acc": pytest.approx(0.3)}
+    plan = load_sweep(_sweep(tmp_path, set={"checkpoint.every_epochs": 2, "monitor.tensorboard": False,
+                                            "data.batch_size": 256, "train.eval_every_epochs": 3}))
+    cfg = plan.trial_config({}, name="trial_x")
+    run_dir = f"{plan.trials_dir}/trial_x"
+    train(cfg, callbacks=[TuneReporter(run_dir)])
+    assert [p for _, p in sent] == [None, {"run_dir": run_dir, "epoch": 2}, {"run_dir": run_dir, "epoch": 3}]
+    assert [m["epoch"] for m, _ in sent] == [1, 2, 3] and "test/acc" in sent[2][0]
 
 
 # ------------------------------------------------------------------------------------------------------ results

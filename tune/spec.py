@@ -15,8 +15,11 @@ value out of range fails with the same one-line ``ConfigError`` that ``train`` p
     num_samples: 8
     scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
     searcher: {name: random}
-    resources: {cpus: 1, gpus: 0, workers_per_trial: 1}
+    resources: {cpus: 1, gpus: 0, workers_per_trial: 1}   # workers_per_trial > 1: a Ray Train DDP job per trial
     max_concurrent: 2
+
+PBT (``scheduler: {name: pbt, perturbation_interval: 1}``) mutates only keys that can change in the middle of a run
+(``PBT_MUTABLE``); a sweep that draws any other key under PBT is refused here.
 """
 
 from __future__ import annotations
@@ -36,20 +39,33 @@ from engine.run_config import RunConfig
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "train/acc", "train/loss", "density")
 RESERVED = ("name", "output_dir", "resume")   # the sweep sets these for every trial
+# keys a PBT exploit may change when a trial continues from another trial's checkpoint, and why that is sound
+PBT_MUTABLE = {
+    "optim.lr": "the restored lr schedule is rescaled to the new peak lr",
+    "sparsity.drop_fraction": "dynamic sparse methods read it at every mask update",
+}
 
 
 @dataclass
 class SchedulerConfig:
-    """Which Tune scheduler decides when trials stop (ASHA) or lets every trial run to the end (FIFO)."""
+    """Which Tune scheduler decides when trials stop (ASHA), lets every trial run to the end (FIFO), or copies the
+    weights of good trials into bad ones with perturbed hyper-parameters (PBT)."""
 
     name: Literal["asha", "fifo", "pbt"] = "asha"
     grace_period: int = 1                 # asha: epochs every trial runs before it can be stopped
     reduction_factor: float = 2.0         # asha: keep the top 1/reduction_factor at each rung
+    perturbation_interval: int = 1        # pbt: epochs between exploit/explore steps
+    quantile_fraction: float = 0.25       # pbt: the bottom fraction copies the top fraction
+    resample_probability: float = 0.25    # pbt: chance that a mutated value is drawn afresh instead of scaled
+    synch: bool = False                   # pbt: every trial waits at each perturbation point (reproducible, slower)
 
     def __post_init__(self) -> None:
-        if self.name == "pbt":
-            raise ValueError("name pbt is not built yet: a PBT exploit restores the engine checkpoint of the epoch "
-                             "just reported, which the engine writes only after the report; use asha or fifo")
+        if self.perturbation_interval < 1:
+            raise ValueError(f"perturbation_interval must be at least 1 epoch, got {self.perturbation_interval}")
+        if not 0 < self.quantile_fraction <= 0.5:
+            raise ValueError(f"quantile_fraction must be in (0, 0.5], got {self.quantile_fraction}")
+        if not 0 <= self.resample_probability <= 1:
+            raise ValueError(f"resample_probability must be in [0, 1], got {self.resample_probability}")
         if self.grace_period < 1:
             raise ValueError(f"grace_period must be at least 1 epoch, got {self.grace_period}")
         if self.reduction_factor <= 1:
@@ -72,9 +88,9 @@ class SearcherConfig:
 class ResourcesConfig:
     """What one trial holds while it runs."""
 
-    cpus: float = 1.0
-    gpus: float = 0.0
-    workers_per_trial: int = 1
+    cpus: float = 1.0                     # per trial, or per worker when workers_per_trial > 1
+    gpus: float = 0.0                     # likewise
+    workers_per_trial: int = 1            # > 1: a Ray Train TorchTrainer of this many DDP workers per trial
 
     def __post_init__(self) -> None:
         if self.cpus <= 0:
@@ -83,9 +99,6 @@ class ResourcesConfig:
             raise ValueError(f"gpus must be >= 0, got {self.gpus}")
         if self.workers_per_trial < 1:
             raise ValueError(f"workers_per_trial must be at least 1, got {self.workers_per_trial}")
-        if self.workers_per_trial > 1:
-            raise ValueError("workers_per_trial > 1 (a Ray Train DDP job per trial) is not built yet; use "
-                             "workers_per_trial=1, or run each config with train --nproc-per-node N")
 
 
 @dataclass
@@ -229,6 +242,16 @@ def flatten_settings(values: Mapping[str, Any], prefix: str = "") -> dict[str, A
     return out
 
 
+def get_dotted(data: Mapping[str, Any], key: str) -> Any:
+    """The value at dotted ``key`` of nested plain data, or None when a part is missing."""
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     """Put ``value`` at dotted ``key`` of nested plain data (sections created as needed)."""
     parts = key.split(".")
@@ -341,8 +364,38 @@ def plan_sweep(sweep: SweepConfig) -> SweepPlan:
     grids = [k for k, d in space.items() if d.kind == "grid"]
     if grids and sweep.searcher.name == "optuna":
         raise ConfigError(f"space.{grids[0]}: grid is not supported by searcher optuna; use choice")
+    if scheduler.name == "pbt":
+        _check_pbt(plan, first)
+    if sweep.resources.workers_per_trial > 1 and first.parallel.backend not in ("auto", "ddp"):
+        raise ConfigError(f"resources.workers_per_trial={sweep.resources.workers_per_trial} runs each trial as a "
+                          f"Ray Train DDP job, but parallel.backend is {first.parallel.backend}; set "
+                          "parallel.backend=ddp (or auto), or workers_per_trial=1")
     check_data_available(first.data)
     return plan
+
+
+def _check_pbt(plan: SweepPlan, first: RunConfig) -> None:
+    """PBT copies a checkpoint into another trial and changes its values there: only keys safe to change mid-run,
+    drawn from ranges PBT can perturb, and a checkpoint at every perturbation."""
+    sweep, scheduler = plan.sweep, plan.sweep.scheduler
+    for key, dist in plan.space.items():
+        if key not in PBT_MUTABLE:
+            raise ConfigError(f"scheduler pbt: space.{key} cannot change in the middle of a run (PBT changes a "
+                              f"trial's values when it continues from another's checkpoint); PBT can mutate "
+                              f"{', '.join(PBT_MUTABLE)}: sweep {key} with scheduler asha or fifo")
+        if dist.kind == "grid":
+            raise ConfigError(f"scheduler pbt: space.{key} is a grid, which PBT cannot perturb; use choice")
+    if sweep.searcher.name != "random":
+        raise ConfigError("scheduler pbt draws its own values; use searcher.name=random")
+    every = first.checkpoint.every_epochs
+    if scheduler.perturbation_interval % every:
+        raise ConfigError(f"scheduler pbt: perturbation_interval ({scheduler.perturbation_interval}) must be a "
+                          f"multiple of checkpoint.every_epochs ({every}), so an exploit has the epoch's weights")
+    if scheduler.perturbation_interval >= plan.max_epochs:
+        raise ConfigError(f"scheduler pbt: perturbation_interval ({scheduler.perturbation_interval}) must be shorter "
+                          f"than train.epochs ({plan.max_epochs}) or no trial is ever perturbed")
+    if sweep.num_samples < 2:
+        raise ConfigError("scheduler pbt needs a population: num_samples of at least 2")
 
 
 def to_plain(value: Any) -> Any:
@@ -363,5 +416,5 @@ def load_sweep(path: str, overrides: Sequence[str] = ()) -> SweepPlan:
     return plan_sweep(build(SweepConfig, data))
 
 
-__all__ = ["DISTRIBUTIONS", "METRICS", "Distribution", "SweepConfig", "SweepPlan", "load_sweep", "plan_sweep",
-           "flatten_space", "set_dotted"]
+__all__ = ["DISTRIBUTIONS", "METRICS", "PBT_MUTABLE", "Distribution", "SweepConfig", "SweepPlan", "load_sweep",
+           "plan_sweep", "flatten_space", "get_dotted", "set_dotted"]
