@@ -15,9 +15,10 @@ ends with a JSON):
    to the dense variant of the same mode, from the same rounds.
 4. ``loader``: the dense ResNet-50 step fed by the real loader (``imagenet_shards`` over synthetic JPEG tar shards,
    uint8 batches normalised on the device), next to the loader alone: is data loading the bound?
-5. ``sparse_24``: the project's 2:4 export against dense for the ViT MLPs and ResNet-50's linear and 1x1 layers,
-   once ``pruning.export`` exists (skipped with a note until then). Beside it, torch's own semi-structured kernel on
-   the same shapes (forward, bf16), the ceiling such an export can reach.
+5. ``sparse_24``: the project's ``--format 2:4`` export (``pruning.export.semi``) of a ViT MLP block and
+   ResNet-50's classifier, pruned 2:4 by the N:M scope: output error against fp32, and dense fp32 / dense bf16 / 2:4
+   bf16 timed interleaved. Beside it, torch's own semi-structured kernel on the ViT MLP and ResNet-50 linear and 1x1
+   shapes (forward, bf16), the ceiling such an export can reach.
 
 The sections' code is in ``benchmarks/gpu_sections.py``; this file holds the JSON schema, the goals, the report and
 the driver. Writes ``gpu_acceptance.json`` (after every section, so a killed run still leaves what it measured) and
@@ -207,6 +208,11 @@ def text_table(result: dict[str, Any]) -> str:
         lines.append(f"prune at init [{prune['status']}]: {prune['note']}")
     sparse = result["sparse_24"]
     lines.append(f"2:4 [{sparse['status']}]: {sparse['note']}")
+    for entry in sparse["export"] or []:
+        lines.append(f"  2:4 export, {entry['block']}: " + (
+            f"{entry['speedup_vs_bf16']}x over dense bf16, {entry['speedup_vs_fp32']}x over fp32, "
+            f"error {entry['rel_error']}" if "speedup_vs_bf16" in entry else
+            entry.get("error") or entry.get("note") or f"error {entry.get('rel_error')} (not timed)"))
     for entry in sparse["kernel_reference"] or []:
         lines.append(f"  torch 2:4 kernel, {entry['layer']}: " + (f"{entry['speedup']}x over dense"
                      if "speedup" in entry else entry.get("error") or entry.get("note", "")))

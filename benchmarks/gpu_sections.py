@@ -159,7 +159,8 @@ def run_tests(plan: Plan, out: Path, budget: Budget, record: dict[str, Any]) -> 
     """pytest -m gpu tests/test_gpu.py in its own process group (killed whole on time-out); JUnit XML parsed."""
     xml_path, log_path = out / "gpu_tests.xml", out / "gpu_tests.log"
     timeout = max(10.0, min(float(plan.pytest_timeout_s), budget.left() - 30.0))
-    cmd = [sys.executable, "-m", "pytest", "tests/test_gpu.py", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "tests/test_gpu.py", "tests/test_export_semi.py", "-m", "gpu", "-v", "-rfEs",
+           "-p", "no:cacheprovider",
            f"--junitxml={xml_path}", "-o", "junit_family=xunit1"]
     if importlib.util.find_spec("pytest_timeout") is not None:   # a hung test fails alone; the XML is still written
         cmd.append(f"--timeout={int(min(plan.test_timeout_s, timeout))}")
@@ -267,7 +268,7 @@ class Variant:
         if kind != "dense":
             context = MethodContext(seed=0, device=inputs.device, steps_per_epoch=10**9, epochs=1)
             if kind == "static":
-                config = method_class("random").Config(method="random", density=plan.density, scope="local",
+                config = method_class("random").Config(method="random", density=plan.density, scope="layer",
                                                        distribution="erk")
             else:
                 config = method_class("rigl").Config(method="rigl", density=plan.density, distribution="erk",
@@ -510,19 +511,77 @@ def kernel_reference(plan: Plan, device: torch.device, budget: Budget) -> list[d
     return rows_out
 
 
+def export_blocks(plan: Plan) -> list[tuple[str, list[int], int]]:
+    """(label, widths of a Linear chain, rows) of the blocks the 2:4 export is timed on: a ViT MLP (the slot's dim
+    and mlp ratio, batch x tokens rows) and ResNet-50's classifier (2048 -> 1000, batch rows)."""
+    options = plan.models["vit_s16"][1]
+    dim, patch = options.get("dim", 384), options.get("patch_size", 16)
+    tokens = (plan.image_size // patch) ** 2 + 1
+    return [("vit mlp", [dim, int(dim * options.get("mlp_ratio", 4.0)), dim], plan.batch_size * tokens),
+            ("resnet50 fc", [2048, 1000] if plan.image_size >= 64 else [64, 10], plan.batch_size)]
+
+
+def export_24(plan: Plan, device: torch.device, budget: Budget) -> list[dict[str, Any]]:
+    """The project's ``--format 2:4`` path (``pruning.export.semi.export_semi``) on each block pruned 2:4 by the N:M
+    scope: the plan, the output error against fp32, and (CUDA) dense fp32 / dense bf16 / 2:4 bf16 timed
+    interleaved. Without CUDA the same code runs with the 2:4 layers as dense half weights and nothing is timed."""
+    from benchmarks.timing import interleaved, ratio_stats
+    from pruning.export.semi import export_semi
+    from pruning.scopes import build_scope
+
+    convert = device.type == "cuda"
+    rows_out = []
+    for label, widths, rows in export_blocks(plan):
+        entry: dict[str, Any] = {"block": label, "widths": widths, "rows": rows}
+        if not budget.allows(5.0):
+            entry["note"] = "skipped: time budget"
+            rows_out.append(entry)
+            continue
+        try:
+            layers: list[nn.Module] = []
+            for fan_in, fan_out in zip(widths, widths[1:]):
+                layers += [nn.Linear(fan_in, fan_out), nn.GELU()]
+            block = nn.Sequential(*layers[:-1]).to(device).eval()
+            weights = {f"{i}.weight": m.weight for i, m in enumerate(block) if isinstance(m, nn.Linear)}
+            masks = build_scope("global", {n: w.shape for n, w in weights.items()}, nm=[2, 4]).select(
+                {n: w.detach().abs() for n, w in weights.items()}, 0.5)
+            with torch.no_grad():
+                for name, weight in weights.items():
+                    weight.mul_(masks[name])
+            x = torch.randn(rows, widths[0], device=device)
+            lines: list[str] = []
+            exported, _, details = export_semi(block, x[:64], "bf16", device, convert, lines.append)
+            entry.update(converted=details["converted"], planned=details["planned"], plan=lines,
+                         rel_error=_round(details["rel_error"], 6))
+            if convert:
+                from pruning.export.semi import CastInput
+
+                half = CastInput(copy.deepcopy(block).to(torch.bfloat16), torch.bfloat16).eval()
+                steps = {"dense": lambda: block(x), "dense_bf16": lambda: half(x), "2:4": lambda: exported(x)}
+                with torch.inference_mode():
+                    times, _ = interleaved(steps, plan.rounds, 3, device)
+                entry.update(dense_bf16_ms=_round(statistics.median(times["dense_bf16"]) * 1000, 4),
+                             two_four_ms=_round(statistics.median(times["2:4"]) * 1000, 4),
+                             speedup_vs_bf16=_round(ratio_stats(times["dense_bf16"], times["2:4"])[0], 3),
+                             speedup_vs_fp32=_round(ratio_stats(times["dense"], times["2:4"])[0], 3))
+        except Exception as error:   # a refused shape or a kernel error is a finding, not a failed run
+            entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if str(error) else \
+                type(error).__name__
+        rows_out.append(entry)
+    return rows_out
+
+
 def run_sparse_24(plan: Plan, device: torch.device, budget: Budget, record: dict[str, Any]) -> None:
     notes = []
-    if importlib.util.find_spec("pruning.export") is None:
-        record["export"] = None
-        notes.append("the project's 2:4 export (pruning/export) does not exist yet: its speedup is not measured")
-    else:
-        record["export"] = {"note": "pruning.export exists: wire its 2:4 conversion into run_sparse_24 to time it"}
-        notes.append("pruning.export found but not yet timed here")
+    record["export"] = export_24(plan, device, budget)
     if device.type != "cuda":
         record["kernel_reference"] = []
-        notes.append("torch's semi-structured kernel needs CUDA")
+        notes.append("torch's semi-structured kernel needs CUDA: the 2:4 export ran with dense half weights, untimed")
         record["status"] = "skipped"
     else:
         record["kernel_reference"] = kernel_reference(plan, device, budget)
-        record["status"] = "partial"
-    record["note"] = "; ".join(notes)
+        failed = [e["block"] for e in record["export"] if "error" in e]
+        record["status"] = "partial" if failed else "ok"
+        if failed:
+            notes.append(f"2:4 export failed on {', '.join(failed)}")
+    record["note"] = "; ".join(notes) or "2:4 export and torch's kernel timed"

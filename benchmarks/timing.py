@@ -3,7 +3,9 @@
 Device work is asynchronous: on CUDA a host clock read right after a call measures the launches, not the work. Every
 timer here therefore takes the device being measured; on CUDA it waits for earlier work before starting (so none of
 it is charged to this call), records CUDA events around the call and waits for the end event, and reports the
-events' elapsed time. On the CPU it reads ``time.perf_counter``.
+events' elapsed time. On the CPU it reads ``time.perf_counter``, or the ``clock`` given: ``time.thread_time`` counts
+only the CPU time of the calling thread, which is all of the work with one torch thread, so a process that is
+descheduled on a loaded machine is not charged for the wait (cache and memory contention still are).
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ def synchronize(device: Any = None) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(work: Callable[[], object], device: Any = None) -> tuple[float, object]:
-    """(seconds, result) of one call of ``work``, device work included (CUDA events on CUDA)."""
+def timed(work: Callable[[], object], device: Any = None,
+          clock: Callable[[], float] | None = None) -> tuple[float, object]:
+    """(seconds, result) of one call of ``work``, device work included (CUDA events on CUDA); ``clock``: the CPU
+    clock to read instead of ``time.perf_counter``."""
     if not _is_cuda(device):
-        start = time.perf_counter()
+        clock = clock or time.perf_counter
+        start = clock()
         result = work()
-        return time.perf_counter() - start, result
+        return clock() - start, result
     import torch
 
     torch.cuda.synchronize(device)
@@ -48,8 +53,8 @@ def median_seconds(work: Callable[[], object], repeats: int, device: Any = None)
     return statistics.median(timed(work, device)[0] for _ in range(repeats))
 
 
-def interleaved(steps: Mapping[str, Callable[[], object]], rounds: int, warmup: int,
-                device: Any = None) -> tuple[dict[str, list[float]], dict[str, list[object]]]:
+def interleaved(steps: Mapping[str, Callable[[], object]], rounds: int, warmup: int, device: Any = None,
+                clock: Callable[[], float] | None = None) -> tuple[dict[str, list[float]], dict[str, list[object]]]:
     """Run every step once per round, the order rotating each round, so drift in machine load hits all alike.
 
     Returns each step's seconds per measured round, and what each call returned (e.g. a phase's own time).
@@ -60,7 +65,7 @@ def interleaved(steps: Mapping[str, Callable[[], object]], rounds: int, warmup: 
     for round_index in range(warmup + rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            elapsed, result = timed(steps[name], device)
+            elapsed, result = timed(steps[name], device, clock)
             if round_index >= warmup:
                 times[name].append(elapsed)
                 results[name].append(result)

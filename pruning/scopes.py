@@ -1,7 +1,7 @@
 """Scopes: how a density becomes exact budgets, and what one selectable unit is.
 
 A scope is built once for the shapes of the prunable weights (``build_scope(name, shapes)``; each method config maps
-its own word, e.g. at-init's ``local``, to a registered name) and is the one place that knows how budgets are counted,
+its own word, e.g. unit pruning's ``layer``, to a registered name) and is the one place that knows how budgets are counted,
 so no method branches on a scope's name:
 
 - ``select(scores, density, kept=None)``: masks keeping the highest scores with exact budgets;
@@ -12,7 +12,7 @@ Registered scopes (N = weights, U = output units, S = kernel slices; ``_l`` one 
 
 - ``global``: round(d * N) weights with one threshold across layers;
 - ``layer``: round(d * N_l) weights per layer; given a distribution (uniform, ER, ERK), round(d * N) apportioned over
-  layers by the distribution's densities (at-init's ``local``, the DST start);
+  layers by the distribution's densities (at-init's ``layer``, the DST start);
 - ``row``: round(d * fan_in) weights in every output row / filter (gradual's ``unit``);
 - ``neuron_layer`` / ``neuron_global``: round(d * U_l) / round(d * U) whole output units (rows of a linear weight,
   filters of a conv) scored by the L2 norm of their weights' scores;
@@ -21,7 +21,13 @@ Registered scopes (N = weights, U = output units, S = kernel slices; ``_l`` one 
 
 A unit's score aggregates its weights' scores (``unit_scores``); ``select_units`` takes one score per unit directly
 (e.g. random scores drawn per unit). Carry (``kept`` given): units not kept score -inf and no group's budget exceeds
-what it keeps, so masks only shrink. N:M sparsity will be one more scope: groups of M weights along the fan-in.
+what it keeps, so masks only shrink.
+
+N:M sparsity (``build_scope(..., nm=(n, m))``, :class:`NMScope`): every group of M consecutive weights of a row of the
+weight viewed as (out, K) keeps exactly round(d * M) of them, n at density n / M. K is the fan-in in torch's memory
+order (a linear's in_features; a conv's in_channels * kh * kw, channel outermost), the matrix a 2-D semi-structured
+kernel and im2col multiply, so a group never spans two rows; NVIDIA's ASP groups a conv's input channels at one
+kernel position instead (channels-last implicit GEMM), a different pattern for kernels larger than 1 x 1.
 """
 
 from __future__ import annotations
@@ -172,7 +178,7 @@ class Scope(abc.ABC):
     def top_at_or_below(self, scores: Masks, density: float, alive: Masks | None) -> dict[str, torch.Tensor]:
         """Per-unit keep masks by the Synaptic Flow code's threshold rule (scopes with one ranking per group)."""
         raise ValueError(f"selection: reference is the Synaptic Flow code's rule for one threshold over all layers "
-                         f"(global) or per layer (layer/local); the {self.name} scope has only the exact rule")
+                         f"(global) or per layer (layer); the {self.name} scope has only the exact rule")
 
     def at_or_below_counts(self, masks: Masks, density: float) -> Iterator[tuple[str, int, int]]:
         """(group, units kept, what the reference rule keeps when no scores tie: N - floor((1 - d) N))."""
@@ -222,8 +228,13 @@ def list_scopes() -> list[str]:
     return _SCOPES.names()
 
 
-def build_scope(name: str, shapes: Mapping[str, Sequence[int]], distribution: Distribution | None = None) -> Scope:
-    """The scope registered as ``name`` over tensors of these ``shapes``."""
+def build_scope(name: str, shapes: Mapping[str, Sequence[int]], distribution: Distribution | None = None,
+                nm: Sequence[int] | None = None) -> Scope:
+    """The scope registered as ``name`` over tensors of these ``shapes``; ``nm`` (N, M) given, the N:M scope instead
+    (its groups are its budgets, so it takes the place of ``name``)."""
+    if nm is not None:
+        n, m = parse_nm(nm)
+        return NMScope(shapes, n, m, distribution)
     return scope_class(name)(shapes, distribution)
 
 
@@ -403,3 +414,90 @@ class KernelScope(LayerScope):
         counts = [self.units(name)[0] for name in self.shapes]
         shares = [densities[name] * count for name, count in zip(self.shapes, counts)]
         return dict(zip(self.shapes, apportion(round(sum(shares)), shares, counts)))
+
+
+# ---------------------------------------------------------------------------------------------------- N:M
+def parse_nm(value: object, key: str = "nm") -> tuple[int, int]:
+    """(N, M) from a config value ``[N, M]``; a one-line ValueError naming ``key`` otherwise."""
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"{key} must be [N, M], two integers (keep N of every M consecutive weights, e.g. [2, 4]), "
+                         f"got {value!r}")
+    n, m = value
+    if not 1 <= n < m:
+        raise ValueError(f"{key} [{n}, {m}] must have 1 <= N < M (N of every M weights kept; N = M prunes nothing)")
+    return n, m
+
+
+def check_nm_density(nm: Sequence[int], density: float, key: str = "density") -> None:
+    """Refuse a density other than N / M: under N:M the density is not a free choice."""
+    n, m = parse_nm(nm)
+    if not math.isclose(density, n / m, rel_tol=1e-9, abs_tol=1e-12):
+        raise ValueError(f"nm [{n}, {m}] keeps {n} of every {m} weights, density {n / m:g}; set {key} to {n / m:g} "
+                         f"(got {density:g})")
+
+
+def nm_refusals(shapes: Mapping[str, Sequence[int]], m: int) -> list[str]:
+    """The tensors whose rows cannot be cut into groups of ``m`` (fan-in not a multiple of it, or 1-D)."""
+    return [name for name, shape in shapes.items() if len(shape) < 2 or math.prod(shape[1:]) % m]
+
+
+class NMScope(Scope):
+    """N:M: in every group of M consecutive weights along a row's fan-in keep the round(d * M) highest scores (N at
+    density N / M); ties go to the lower index. Budgets and the check are per group, all groups of all layers alike.
+
+    Layers whose fan-in is not a multiple of M are refused in one line naming them (a first conv with 3 input
+    channels, fan-in 27): the usual practice is to leave them dense, which ``sparsity.targets.exclude`` does.
+    """
+
+    name = "nm"
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], n: int, m: int,
+                 distribution: Distribution | None = None) -> None:
+        super().__init__(shapes, distribution)
+        self.n, self.m = parse_nm((n, m))
+        bad = nm_refusals(self.shapes, m)
+        if bad:
+            fan_in = math.prod(self.shapes[bad[0]][1:]) if len(self.shapes[bad[0]]) > 1 else 1
+            raise ValueError(f"nm [{n}, {m}] needs every prunable layer's fan-in to be a multiple of {m}; "
+                             f"{bad[0]} has {fan_in}" + (f" ({len(bad) - 1} more layers too)" if len(bad) > 1 else "")
+                             + f": leave it dense with sparsity.targets.exclude=[{', '.join(bad)}]")
+
+    def group_budget(self, density: float) -> int:
+        """Weights kept in every group of M at ``density`` (N at N / M)."""
+        return round(density * self.m)
+
+    def top(self, scores: Masks, density: float, alive: Masks | None) -> dict[str, torch.Tensor]:
+        budget = self.group_budget(density)
+        out = {}
+        for name, s in self.dead_last(scores, alive).items():
+            groups = s.reshape(-1, self.m)
+            counts: torch.Tensor | int = budget
+            if alive is not None:
+                counts = torch.clamp(alive[name].reshape(groups.shape).sum(1), max=budget)
+            out[name] = keep_top_k_per_row(groups, counts).reshape(-1)
+        return out
+
+    def counts(self, masks: Masks, density: float) -> Iterator[tuple[str, int, int]]:
+        budget = self.group_budget(density)
+        for name, mask in masks.items():
+            yield name, int(torch.count_nonzero(mask)), budget * (mask.numel() // self.m)
+
+    def check(self, masks: Masks, density: float) -> None:
+        """Every group of every layer keeps exactly round(d * M): raise naming the first group that does not."""
+        budget = self.group_budget(density)
+        for name in self.shapes:
+            kept = masks[name].reshape(-1, self.m).sum(1)
+            wrong = torch.nonzero(kept != budget)
+            if wrong.numel():
+                group = int(wrong[0])
+                row, first = divmod(group * self.m, math.prod(self.shapes[name][1:]))
+                raise BudgetError(f"{name} row {row} weights {first}..{first + self.m - 1} keep {int(kept[group])} "
+                                  f"of {self.m}, the pattern is {budget}:{self.m} (density {density:g})")
+
+    def check_pattern(self, masks: Masks) -> None:
+        """The final N:M pattern exactly (the MaskSet's ``pattern_check`` once a method's masks are N:M)."""
+        self.check(masks, self.n / self.m)
+
+    def targets(self, density: float) -> dict[str, float] | None:
+        return {name: self.group_budget(density) / self.m for name in self.shapes}

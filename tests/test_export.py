@@ -117,6 +117,44 @@ def test_csr_linear_by_hand() -> None:
     assert sparse(x.view(2, 1, 4)).shape == (2, 1, 3)
 
 
+def test_layers_are_timed_on_the_input_the_converted_model_hands_them() -> None:
+    from pruning.export.csr import _inputs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[:, ::2] = 0.0
+    x = torch.randn(5, 6)
+    calls = []
+    model[4].register_forward_pre_hook(lambda *_: calls.append(1))
+    assert _inputs(model, x, {"2": model[2]})["2"].is_contiguous() and calls == []   # stops once seen
+    model[0] = CsrLinear.from_linear(model[0])
+    handed = _inputs(model, x, {"2": model[2]})["2"]
+    assert not handed.is_contiguous() and handed.t().is_contiguous()        # the CSR layer's transposed output
+
+
+@pytest.mark.parametrize("tile", [1, 3, 7, 40])
+def test_tiled_csr_linear_equals_the_untiled_one_and_reloads(tile: int) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 5)
+    with torch.no_grad():
+        layer.weight.mul_((torch.rand_like(layer.weight) < 0.3).float())
+    x = torch.randn(4, 5, 12)                   # 20 rows: tiles of 3 and 7 leave a short last tile, 40 is one tile
+    tiled = CsrLinear.from_linear(layer, tile)
+    with torch.no_grad():
+        torch.testing.assert_close(tiled(x), layer(x), atol=1e-5, rtol=0)
+        assert tiled(x).shape == (4, 5, 5) and tiled(x).is_contiguous() == (tile < 20)   # tiles write rows
+    model = nn.Sequential(tiled)
+    tensors, layers = csr_tensors(model)
+    assert layers == {"0": {"kind": "linear", "shape": [5, 12], "tile": tile}}
+    loaded = load_csr(nn.Sequential(nn.Linear(12, 5)), tensors, layers)
+    assert loaded[0].tile == tile
+    with torch.no_grad():
+        assert torch.equal(loaded(x), tiled(x))
+    with pytest.raises(ValueError, match="at least 1 row"):
+        CsrLinear.from_linear(layer, 0)
+
+
 @pytest.mark.parametrize("options", [dict(padding=1), dict(stride=2, padding=2, dilation=2, bias=False),
                                      dict(kernel_size=(1, 3), padding=(0, 1))])
 def test_csr_conv_matches_conv2d(options: dict) -> None:

@@ -74,7 +74,7 @@ def test_unit_pruned_resnet20_inner_and_residual_channels() -> None:
     # residual channel 7 of stage 2: empty only where every producer of it is (shortcut conv and all conv2s)
     for block in model.layer2:
         block.conv2.weight[7] = 0
-    model.layer2[0].shortcut[0].weight[7] = 0
+    model.layer2[0].downsample[0].weight[7] = 0
     model.layer2[1].conv2.weight[9] = 0            # one producer of channel 9 alone: it must stay
     x = torch.randn(4, 3, 32, 32)
     reference = model(x)
@@ -83,7 +83,7 @@ def test_unit_pruned_resnet20_inner_and_residual_channels() -> None:
         groups, biased = compact(model, x)
     assert biased == []
     assert model.layer1[0].conv1.out_channels == 11 and model.layer3[2].conv1.out_channels == 54
-    assert model.layer2[1].conv2.out_channels == 31 and model.layer2[0].shortcut[0].out_channels == 31
+    assert model.layer2[1].conv2.out_channels == 31 and model.layer2[0].downsample[0].out_channels == 31
     inner = 5 * (16 * 9 + 2 + 16 * 9) + 10 * (64 * 9 + 2 + 64 * 9)
     # stage 2's channel 7: 3 conv2 filters (32 * 9), the 1x1 shortcut filter (16), 4 norm pairs, the inputs of
     # layer2.{1,2}.conv1 and layer3.0.conv1 (32 * 9 / 64 * 9 each) and of layer3.0's shortcut (64)

@@ -47,7 +47,7 @@ COMMON = ["monitor.progress=false", "monitor.tensorboard=false", "optim.lr=0.05"
 RESNET = ["model.name=resnet18", "model.options.stem=cifar"]
 CONV = ["model.name=conv", "model.options.width=16"]
 MLP = ["model.name=mlp", "model.options.hidden=[256, 128]"]
-MAGNITUDE = ["sparsity.method=magnitude", "sparsity.density=0.1", "sparsity.scope=local",
+MAGNITUDE = ["sparsity.method=magnitude", "sparsity.density=0.1", "sparsity.scope=layer",
              "sparsity.distribution=erk"]
 RIGL = ["sparsity.method=rigl", "sparsity.density=0.1", "sparsity.distribution=erk", "sparsity.period=2"]
 CUDA = ["train.device=cuda"]
@@ -141,7 +141,7 @@ def test_fp16_scaler_skipped_steps_keep_pruned_weights_zero(kind: str, record_pr
     backend.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**24)
     module = backend.wrap(model)
     optimizer = build_optimizer(model, OptimConfig(lr=0.05))
-    extra = {"scope": "local"} if kind == "magnitude" else {"period": 3}
+    extra = {"scope": "layer"} if kind == "magnitude" else {"period": 3}
     config = method_class(kind).Config(method=kind, density=0.1, distribution="erk", **extra)
     method = build_method(config, model, optimizer, MethodContext(device=device, steps_per_epoch=100, epochs=1))
     method.setup()

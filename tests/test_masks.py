@@ -96,7 +96,7 @@ def test_magnitude_local_uniform_by_hand() -> None:
     with torch.no_grad():
         model.conv.weight.copy_(torch.tensor([1.0, -5.0, 2.0, 0.5, -3.0, 4.0, 0.1, -0.2]).view(2, 1, 2, 2))
         model.fc.weight.copy_(torch.arange(24, dtype=torch.float32).view(3, 8) - 12)
-    cfg = AtInitConfig(method="magnitude", density=0.5, scope="local")
+    cfg = AtInitConfig(method="magnitude", density=0.5, scope="layer")
     method = build_method(cfg, model, None, MethodContext())
     method.setup()
     # conv keeps 4 of 8 largest |w|: -5, -3, 4, 2
@@ -128,7 +128,7 @@ def test_random_pruning_is_exact_and_seeded_per_name() -> None:
 
 def test_erk_magnitude_hits_global_target_exactly() -> None:
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(32 * 4, 10))
-    cfg = AtInitConfig(method="magnitude", density=0.1, scope="local", distribution="erk")
+    cfg = AtInitConfig(method="magnitude", density=0.1, scope="layer", distribution="erk")
     method = build_method(cfg, model, None, MethodContext())
     method.setup()
     total = sum(p.numel() for p in method.params.values())

@@ -11,13 +11,16 @@ the loaders here take a freshly built model and turn it into the exported one.
   kernels, each kept dense unless sparse measured faster on the target device at export.
 - ``hashed``: a HashedNet model as its banks plus the assignment of every weight to a bank entry, in the narrowest
   integer type that holds it.
+- ``2:4``: linear layers that keep at most 2 of every 4 inputs as torch's semi-structured sparse tensors in
+  float16 / bfloat16 (CUDA only), the rest of the model dense in the same precision.
 """
 
 from pruning.export.compact import GroupReport, compact, shrink
 from pruning.export.csr import CsrConv2d, CsrLinear, LayerChoice, csr_tensors, load_csr, sparsify
 from pruning.export.files import FORMATS, plain_model, read_export, tensor_bytes, write_export
 from pruning.export.hashed import hashed_tensors, load_hashed
+from pruning.export.semi import export_semi, load_semi, require_cuda
 
 __all__ = ["FORMATS", "CsrConv2d", "CsrLinear", "GroupReport", "LayerChoice", "compact", "csr_tensors",
-           "hashed_tensors", "load_csr", "load_hashed", "plain_model", "read_export", "shrink", "sparsify",
-           "tensor_bytes", "write_export"]
+           "export_semi", "hashed_tensors", "load_csr", "load_hashed", "load_semi", "plain_model", "read_export",
+           "require_cuda", "shrink", "sparsify", "tensor_bytes", "write_export"]

@@ -7,6 +7,11 @@ unfold copies the input kh * kw times, so it only pays where the weights are spa
 measured, never assumed: at export every candidate layer is timed dense and sparse (``torch.utils.benchmark``) on its
 own input from an example batch, and stays dense unless sparse is faster.
 
+A linear layer may also run *tiled*: the rows of its input in tiles of ``tile`` (128, 256, 512), each transposed and
+multiplied alone. The CSR product streams the whole (in, rows) operand once per non-zero row of W; when that operand
+outgrows the cache (a ViT's 2,080 tokens x 1,536 inputs is 12.8 MB) every pass goes to memory, while a tile's slice
+stays in cache. Whether tiling pays, and at which size, is timed at export like the choice of form.
+
 Indices are int32 where they fit, so a kept weight costs 8 bytes (value and column) instead of 4 bytes for every
 weight, pruned or not: the weights shrink once density is under one half.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import time
 import warnings
 
 import torch
@@ -66,18 +72,32 @@ class _CsrBase(nn.Module):
 
 
 class CsrLinear(_CsrBase):
-    """``nn.Linear`` with a CSR weight; inference only (no parameters)."""
+    """``nn.Linear`` with a CSR weight; inference only (no parameters). ``tile``: input rows per product (None: all
+    at once; see the module)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tile: int | None = None) -> None:
+        super().__init__(weight, bias)
+        if tile is not None and tile < 1:
+            raise ValueError(f"a CSR tile must be at least 1 row, got {tile}")
+        self.tile = tile
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear) -> CsrLinear:
-        return cls(_to_csr(layer.weight), layer.bias)
+    def from_linear(cls, layer: nn.Linear, tile: int | None = None) -> CsrLinear:
+        return cls(_to_csr(layer.weight), layer.bias, tile)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        return self._product(rows.t().contiguous()).t().reshape(*x.shape[:-1], self.weight.shape[0])
+        shape = (*x.shape[:-1], self.weight.shape[0])
+        if self.tile is None or rows.shape[0] <= self.tile:
+            return self._product(rows.t().contiguous()).t().reshape(shape)
+        out = rows.new_empty(rows.shape[0], self.weight.shape[0])
+        for start in range(0, rows.shape[0], self.tile):
+            stop = start + self.tile
+            out[start:stop] = self._product(rows[start:stop].t().contiguous()).t()
+        return out.reshape(shape)
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "linear", "shape": list(self.weight.shape)}
+        return {"kind": "linear", "shape": list(self.weight.shape), "tile": self.tile}
 
 
 class CsrConv2d(_CsrBase):
@@ -117,7 +137,8 @@ class CsrConv2d(_CsrBase):
 
 @dataclass
 class LayerChoice:
-    """One candidate layer's verdict: its density, dense and sparse median microseconds, and the form kept."""
+    """One candidate layer's verdict: its density, dense and (best) sparse median microseconds, the form kept, and
+    the tile of that sparse form (None: untiled)."""
 
     name: str
     kind: str
@@ -125,19 +146,27 @@ class LayerChoice:
     dense_us: float | None
     sparse_us: float | None
     kept: str
+    tile: int | None = None
 
     def line(self) -> str:
         timing = ("not timed" if self.dense_us is None or self.sparse_us is None else
                   f"dense {self.dense_us:9.1f} us  csr {self.sparse_us:9.1f} us  "
                   f"({self.dense_us / self.sparse_us:5.2f}x)")
-        return f"{self.name:<32} {self.kind:<7} density {self.density:6.4f}  {timing}  -> {self.kept}"
+        kept = f"{self.kept} tile {self.tile}" if self.kept == "csr" and self.tile else self.kept
+        return f"{self.name:<32} {self.kind:<7} density {self.density:6.4f}  {timing}  -> {kept}"
+
+
+TILES = (128, 256, 512)   # input rows per product tried for a linear at export (where its input has more rows)
 
 
 def _median_us(module: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
+    """Median microseconds of ``module(x)``; with one torch thread on the CPU, of that thread's CPU time, so waiting
+    for a core on a shared machine does not count."""
     from torch.utils import benchmark   # imported here: it loads torch's C++ extension tools and warns without CUDA
 
-    timer = benchmark.Timer(stmt="module(x)", globals={"module": module, "x": x},
-                            num_threads=torch.get_num_threads())
+    threads = torch.get_num_threads()
+    clock = {"timer": time.thread_time} if x.device.type == "cpu" and threads == 1 else {}
+    timer = benchmark.Timer(stmt="module(x)", globals={"module": module, "x": x}, num_threads=threads, **clock)
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
 
 
@@ -156,37 +185,68 @@ def sparsify(model: nn.Module, example: torch.Tensor, choice: Choice = "auto",
              min_run_time: float = 0.2) -> list[LayerChoice]:
     """Turn ``model``'s linear and conv layers that hold zeros into CSR layers, in place, where ``choice`` says.
 
-    ``auto``: each layer is timed on its input from ``example`` (on ``example``'s device) and kept dense unless CSR is
-    faster; ``sparse`` / ``dense``: every candidate becomes CSR / stays dense, untimed. Layers without a zero weight
-    are not candidates. Returns one ``LayerChoice`` per candidate, in module order.
+    ``auto``: layer by layer in the order the forward reaches them, each is timed on its input from ``example`` (on
+    ``example``'s device) *as the model converted so far hands it over* (a CSR layer's output is a transposed view,
+    cheap for a next CSR layer and dear for a dense one), and kept dense unless CSR is faster, a linear's CSR form
+    untiled and in each of :data:`TILES` smaller than its input's rows, the fastest kept; ``sparse`` / ``dense``:
+    every candidate becomes CSR (untiled) / stays dense, untimed. Layers without a zero weight are not candidates;
+    one the forward never reaches stays as it is. Returns one ``LayerChoice`` per candidate, in module order.
     """
     if choice not in ("auto", "sparse", "dense"):
         raise ValueError(f"choice must be auto, sparse or dense, got {choice!r}")
     model.eval()
     candidates = _candidates(model)
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: inputs.setdefault(name, args[0]))
-             for name, m in candidates.items()]
-    try:
-        model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    verdicts = []
-    for name, layer in candidates.items():
+    reached = list(_inputs(model, example, candidates)) if choice == "auto" else list(candidates)
+    verdicts = {}
+    for name in reached + [name for name in candidates if name not in reached]:
+        layer = candidates[name]
         sparse = CsrLinear.from_linear(layer) if isinstance(layer, nn.Linear) else CsrConv2d.from_conv(layer)
         density = sparse.nnz() / layer.weight.numel()
         dense_us = sparse_us = None
         keep_sparse = choice == "sparse"
-        if choice == "auto" and name in inputs:       # a layer the forward never reached stays as it is
-            dense_us = _median_us(layer, inputs[name], min_run_time)
-            sparse_us = _median_us(sparse, inputs[name], min_run_time)
+        if choice == "auto" and name in reached:
+            x = _inputs(model, example, {name: layer})[name]
+            dense_us = _median_us(layer, x, min_run_time)
+            sparse_us = _median_us(sparse, x, min_run_time)
+            if isinstance(sparse, CsrLinear):
+                rows = x.numel() // x.shape[-1]
+                for tile in (t for t in TILES if t < rows):
+                    tiled = CsrLinear(sparse.weight, sparse.bias, tile)
+                    tiled_us = _median_us(tiled, x, min_run_time)
+                    if tiled_us < sparse_us:
+                        sparse, sparse_us = tiled, tiled_us
             keep_sparse = sparse_us < dense_us
         if keep_sparse:
             _set(model, name, sparse)
-        verdicts.append(LayerChoice(name, sparse.spec()["kind"], density, dense_us, sparse_us,
-                                    "csr" if keep_sparse else "dense"))
-    return verdicts
+        verdicts[name] = LayerChoice(name, sparse.spec()["kind"], density, dense_us, sparse_us,
+                                     "csr" if keep_sparse else "dense", getattr(sparse, "tile", None))
+    return [verdicts[name] for name in candidates]
+
+
+class _Reached(Exception):
+    """Raised by the input hook once every asked-for layer has its input: the rest of the forward is not needed."""
+
+
+def _inputs(model: nn.Module, example: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The first input each of ``layers`` receives in a forward of ``example``, in the order the forward reaches
+    them (layers it never reaches are absent); the forward stops once all are seen."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, args: tuple[Any, ...]) -> None:
+        seen.setdefault(name, args[0])
+        if len(seen) == len(layers):
+            raise _Reached
+
+    handles = [m.register_forward_pre_hook(lambda _m, args, name=name: hook(name, args))
+               for name, m in layers.items()]
+    try:
+        model(example)
+    except _Reached:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def csr_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
@@ -208,7 +268,7 @@ def load_csr(model: nn.Module, tensors: dict[str, torch.Tensor], layers: dict[st
         weight = _csr_from(*parts, spec["shape"])
         bias = tensors.get(f"{name}.bias")
         if spec["kind"] == "linear":
-            module: nn.Module = CsrLinear(weight, bias)
+            module: nn.Module = CsrLinear(weight, bias, spec.get("tile"))
         else:
             module = CsrConv2d(weight, bias, spec["kernel_size"], spec["stride"], spec["padding"], spec["dilation"])
         _set(model, name, module)

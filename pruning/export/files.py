@@ -17,7 +17,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 from torch.nn.utils import parametrize
 
-FORMATS = ("dense", "compact", "csr", "hashed")
+FORMATS = ("dense", "compact", "csr", "hashed", "2:4")
 TENSORS = "model.safetensors"
 MANIFEST = "export.json"
 

@@ -3,7 +3,7 @@
 The loop follows the Synaptic Flow work: for k = 1..n, score all prunable weights and keep the top density_k of them,
 with density_k = rho^(k/n) (exponential) or 1 - (1 - rho) (k / n) (linear) (``pruning.timing.IterationDensities``).
 Only weights still alive compete, so masks are nested. A scorer only has to say how it scores (``scores``); the scope
-(global: one threshold; local: per-layer budgets from ``distribution``) says how scores become masks.
+(global: one threshold; layer: per-layer budgets from ``distribution``) says how scores become masks.
 
 Two selection rules (``selection``, see ``pruning.scopes.SELECTION_RULES``): ``exact`` keeps round(density_k * N) with
 ties to the lowest index and checks the count at the end (the default); ``reference`` is the Synaptic Flow code's
@@ -23,24 +23,31 @@ import torch
 
 from pruning.agreement import seeded_generator
 from pruning.methods.base import MaskedMethod, MethodConfig, MethodContext, register_method
-from pruning.scopes import SelectionRule, Scope, build_scope, scope_class, shapes_of
+from pruning.scopes import (NMScope, SelectionRule, Scope, build_scope, check_nm_density, parse_nm, scope_class,
+                            shapes_of)
+from pruning.targets import TargetConfig, prunable_parameters
 from pruning.timing import IterationDensities
 
-AT_INIT_SCOPES = {"global": "global", "local": "layer"}   # config word -> registered scope
+AT_INIT_SCOPES = {"global": "global", "layer": "layer"}   # config word -> registered scope
 
 
 @dataclass
 class AtInitConfig(MethodConfig):
-    """density: fraction kept; scope global = one threshold, local = per-layer budgets from ``distribution``;
+    """density: fraction kept; scope global = one threshold, layer = per-layer budgets from ``distribution``;
     selection: exact (keep round(d N), checked) or reference (the Synaptic Flow code's threshold rule, for
-    reproductions: ties at the threshold are all pruned, a shortfall is reported instead of failing)."""
+    reproductions: ties at the threshold are all pruned, a shortfall is reported instead of failing); nm: [N, M]
+    keeps N of every M consecutive weights of each row's fan-in (``pruning.scopes.NMScope``) in place of the scope:
+    density must be N / M, the rule exact, the distribution uniform."""
 
     density: float = 0.1
-    scope: Literal["global", "local"] = "global"
-    distribution: Literal["uniform", "er", "erk"] = "uniform"
-    iterations: int = 1
-    schedule: Literal["exponential", "linear"] = "exponential"
+    renamed: ClassVar[dict[str, str]] = {
+        "scope=local": "write sparsity.scope=layer (per-layer budgets: one word for it across methods)"}
+    scope: Literal["global", "layer"] = "global"   # global: one threshold; layer: per-layer budgets
+    distribution: Literal["uniform", "er", "erk"] = "uniform"   # per-layer budgets (scope layer only)
+    iterations: int = 1   # score-and-prune rounds n; masks are nested
+    schedule: Literal["exponential", "linear"] = "exponential"   # density after round k (iterations > 1)
     selection: SelectionRule = "exact"
+    nm: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:
@@ -50,8 +57,33 @@ class AtInitConfig(MethodConfig):
         if self.scope not in AT_INIT_SCOPES:
             raise ValueError(f"scope must be one of {', '.join(AT_INIT_SCOPES)}, got {self.scope!r}")
         if self.distribution != "uniform" and not scope_class(AT_INIT_SCOPES[self.scope]).spreads:
-            raise ValueError(f"distribution '{self.distribution}' sets per-layer budgets; it needs scope: local "
-                             "(set sparsity.scope=local)")
+            raise ValueError(f"distribution '{self.distribution}' sets per-layer budgets; it needs scope: layer "
+                             "(set sparsity.scope=layer)")
+        if self.nm is not None:
+            self.nm = list(parse_nm(self.nm, "sparsity.nm"))
+            check_nm_density(self.nm, self.density, "sparsity.density")
+            if self.selection != "exact":
+                raise ValueError("sparsity.nm keeps exactly N of every M: it needs sparsity.selection=exact")
+            if self.distribution != "uniform":
+                raise ValueError("sparsity.nm gives every group of M the same budget: it needs "
+                                 "sparsity.distribution=uniform")
+
+    def check_length(self, steps_per_epoch: int, epochs: int) -> list[str]:
+        """Warn (a sweep may mean it): a density schedule over one iteration is the final density; density 1 prunes
+        nothing."""
+        notes = []
+        if self.iterations == 1 and self.schedule != "exponential":
+            notes.append(f"sparsity.schedule={self.schedule} has no effect with sparsity.iterations=1 (one iteration "
+                         "prunes straight to the density); set sparsity.iterations above 1 for a schedule")
+        if self.density >= 1.0:
+            notes.append(f"sparsity.density=1 keeps every weight: {self.method} prunes nothing and the run is dense")
+        return notes
+
+
+def check_nm_layers(nm: list[int] | None, model: torch.nn.Module, targets: TargetConfig) -> None:
+    """One-line ValueError when ``nm`` is set and a prunable layer of ``model`` cannot be cut into groups of M."""
+    if nm is not None:
+        build_scope("layer", shapes_of(prunable_parameters(model, targets)), nm=nm)
 
 
 class PruneAtInit(MaskedMethod, abc.ABC):
@@ -67,8 +99,16 @@ class PruneAtInit(MaskedMethod, abc.ABC):
                  context: MethodContext) -> None:
         super().__init__(config, model, optimizer, context)
         self.scope: Scope = build_scope(self.scope_names[self.config.scope], shapes_of(self.params),
-                                        self.config.distribution)
+                                        self.config.distribution, nm=self.config.nm)
+        if isinstance(self.scope, NMScope):   # the final masks (and any later update) must hold the pattern exactly
+            self.masks.pattern_check = self.scope.check_pattern
         self.densities = IterationDensities(self.config.density, self.config.iterations, self.config.schedule)
+
+    @classmethod
+    def check_model(cls, config: MethodConfig, model: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
+        """nm: refuse, before any worker starts, prunable layers whose fan-in is not a multiple of M."""
+        super().check_model(config, model, input_shape)
+        check_nm_layers(getattr(config, "nm", None), model, config.targets)
 
     @abc.abstractmethod
     def scores(self, iteration: int) -> dict[str, torch.Tensor]:

@@ -14,14 +14,16 @@ weight that comes back gets that stored value, with fresh optimizer state.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 
+from pruning.methods.at_init import check_nm_layers
 from pruning.methods.base import MaskedMethod, MethodConfig, MethodContext, register_method
 from pruning.schedules import LinearConfig, Schedule, ScheduleConfig, build_schedule
-from pruning.scopes import Scope, build_scope, shapes_of
+from pruning.scopes import NMScope, Scope, build_scope, parse_nm, shapes_of
 
 WeightScope = Literal["unit", "layer", "global"]
 WEIGHT_SCOPES = {"unit": "row", "layer": "layer", "global": "global"}   # config word -> registered scope
@@ -42,7 +44,8 @@ class ScheduledPruning(MaskedMethod, abc.ABC):
         super().__init__(config, model, optimizer, context)
         self.total_steps = context.total_steps
         word = getattr(self.config, "scope")   # every scheduled method's config names its scope
-        self.scope: Scope = build_scope(self.scope_names[word], shapes_of(self.params))
+        self.scope: Scope = build_scope(self.scope_names[word], shapes_of(self.params),
+                                        nm=getattr(self.config, "nm", None))
         self.stored: dict[str, torch.Tensor] | None = None
         self.target = 0.0   # sparsity of the latest prune
 
@@ -124,6 +127,15 @@ class OnScheduleConfig(MethodConfig):
         if not isinstance(self.schedule, ScheduleConfig):
             raise ValueError(f"schedule must be a schedule config (e.g. name: linear), got {self.schedule!r}")
 
+    def check_length(self, steps_per_epoch: int, epochs: int) -> list[str]:
+        """The schedule must reach its final sparsity within the run (its window in steps fits the run)."""
+        try:
+            build_schedule(self.schedule, max(1, steps_per_epoch * epochs))
+        except ValueError as error:
+            raise ValueError(f"sparsity.schedule: {error}; with {steps_per_epoch} steps per epoch x {epochs} epochs, "
+                             "give start and end as fractions of training (floats) or train longer") from None
+        return []
+
 
 class OnSchedule(ScheduledPruning):
     """A method that prunes at the prune times of one schedule from its config."""
@@ -146,18 +158,29 @@ class OnSchedule(ScheduledPruning):
         self.prune(sparsity, self.config.carry_mask)
         if t == self.schedule.end:
             self.check_budget(self.scope, 1.0 - sparsity)
+            if isinstance(self.scope, NMScope):   # from here on every update must keep the N:M pattern exactly
+                self.masks.pattern_check = self.scope.check_pattern
 
 
 @dataclass
 class GradualConfig(OnScheduleConfig):
-    """scope: unit (every row/filter alike), layer or global."""
+    """scope: unit (every row/filter alike), layer or global; nm: [N, M] in place of the scope: every prune time
+    keeps round(d_t * M) of every M consecutive weights of a row's fan-in (d_t = 1 - the schedule's sparsity, so the
+    groups go M:M, (M-1):M, ... as it rises) and the final prune N:M exactly; final_sparsity must be 1 - N / M."""
 
     scope: WeightScope = "unit"
+    nm: list[int] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.scope not in WEIGHT_SCOPES:
             raise ValueError(f"scope must be one of {', '.join(WEIGHT_SCOPES)}, got {self.scope!r}")
+        if self.nm is not None:
+            self.nm = list(parse_nm(self.nm, "sparsity.nm"))
+            n, m = self.nm
+            if not math.isclose(self.schedule.final_sparsity, 1.0 - n / m, abs_tol=1e-9):
+                raise ValueError(f"sparsity.nm [{n}, {m}] ends with {n} of every {m} weights kept; set sparsity."
+                                 f"schedule.final_sparsity={1.0 - n / m:g} (got {self.schedule.final_sparsity:g})")
 
 
 @register_method("gradual")
@@ -166,3 +189,9 @@ class GradualMagnitude(OnSchedule):
 
     Config = GradualConfig
     config: GradualConfig
+
+    @classmethod
+    def check_model(cls, config: MethodConfig, model: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
+        """nm: refuse, before any worker starts, prunable layers whose fan-in is not a multiple of M."""
+        super().check_model(config, model, input_shape)
+        check_nm_layers(getattr(config, "nm", None), model, config.targets)

@@ -36,6 +36,9 @@ class StructuredSNIPConfig(DataScoredConfig):
         if self.selection != "exact":
             raise ValueError("selection must be exact for structured_snip (whole units fit a budget in weights; the "
                              "reference's threshold rule is for weights)")
+        if self.nm is not None:
+            raise ValueError("structured_snip prunes whole units, not N of every M weights; drop sparsity.nm (or use "
+                             "snip with it)")
 
 
 @register_method("structured_snip")
