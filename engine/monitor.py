@@ -98,18 +98,28 @@ class _TqdmBar:
 class _LineBar:
     """Progress for a log file or a cluster job's output: counts steps quietly, then writes one line when closed.
 
-    tqdm's carriage-return frames pile up in a file as one unreadable line per redraw; this keeps one line per epoch.
+    tqdm's carriage-return frames pile up in a file as one unreadable line per redraw; this keeps one line per epoch,
+    plus a line every ``heartbeat_s`` seconds inside a long epoch (an ImageNet epoch runs for an hour: a job's log
+    should show it is alive and how fast it goes).
     """
+
+    heartbeat_s = 300.0
 
     def __init__(self, total: int, desc: str, stream: TextIO) -> None:
         self._total, self._desc, self._stream = total, desc, stream
         self._steps = 0
         self._postfix: dict[str, Any] = {}
-        self._started = time.perf_counter()
+        self._started = self._last_line = time.perf_counter()
 
     def update(self, n: int = 1) -> None:
-        """Advance by n steps."""
+        """Advance by n steps; inside a long epoch, a line every ``heartbeat_s`` seconds."""
         self._steps += n
+        now = time.perf_counter()
+        if now - self._last_line >= self.heartbeat_s and self._steps < self._total:
+            self._last_line = now
+            elapsed = now - self._started
+            print(f"{self._desc}: {self._steps}/{self._total} steps after {elapsed:.0f} s "
+                  f"({self._steps / elapsed:.2f} steps/s)", file=self._stream, flush=True)
 
     def set_postfix(self, values: Mapping[str, Any]) -> None:
         """Remember the latest values (e.g. loss, lr) for the closing line."""

@@ -28,6 +28,7 @@ import csv
 import io
 import json
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,8 +91,13 @@ def find_runs(arguments: Sequence[str]) -> list[str]:
             if cfs.exists(_join(cpath, "summary.json")):
                 runs.append(candidate.rstrip("/"))
             elif cfs.isdir(cpath):
-                runs += [_url(cfs, p.rsplit("/", 1)[0])
-                         for p in sorted(cfs.glob(_join(cpath, "*/summary.json")))]
+                inside = [_url(cfs, p.rsplit("/", 1)[0]) for p in sorted(cfs.glob(_join(cpath, "*/summary.json")))]
+                unfinished = [_url(cfs, p.rsplit("/", 1)[0]) for p in sorted(cfs.glob(_join(cpath, "*/config.yaml")))]
+                unfinished = [run for run in unfinished if run not in inside]
+                if unfinished:      # started runs without a summary: still running, stopped, diverged or preempted
+                    print(f"note: left out {len(unfinished)} run(s) without summary.json (running, stopped or "
+                          f"failed): {', '.join(run.rsplit('/', 1)[-1] for run in unfinished)}", file=sys.stderr)
+                runs += inside
         if not runs:
             raise ReportError(f"{argument}: no summary.json in it or in its sub-directories; pass run directories "
                               "of finished runs, a directory that holds them, or a glob of them")

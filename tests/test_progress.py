@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import engine.monitor as monitor_module
 from engine.monitor import Monitor
 
 
@@ -73,3 +74,17 @@ def test_a_stderr_without_isatty_counts_as_a_log(tmp_path: Path, monkeypatch: py
     with _monitor(tmp_path).progress(total=1, desc="epoch 1/1") as bar:
         bar.update()
     assert "".join(bare.parts).startswith("epoch 1/1: 1/1 steps in ")
+
+
+def test_a_long_epoch_in_a_log_gets_heartbeat_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside an epoch longer than the heartbeat, the log shows progress before the epoch's closing line."""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    monkeypatch.setattr(monitor_module._LineBar, "heartbeat_s", 0.0)
+    with _monitor(tmp_path) as monitor:
+        with monitor.progress(total=3, desc="epoch 1/1") as bar:
+            for _ in range(3):
+                bar.update()
+    lines = sys.stderr.getvalue().splitlines()
+    assert [line.split(" steps")[0] for line in lines] == ["epoch 1/1: 1/3", "epoch 1/1: 2/3", "epoch 1/1: 3/3"]
+    assert "after" in lines[0] and "in" in lines[2]
