@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,3 +228,17 @@ def test_multi_worker_trial_is_a_ray_train_ddp_job(tmp_path: Path) -> None:
     assert final and len(load_state(str(final[-1]))["rng"]) == 2
     with open(trial / "mask_updates.csv") as handle:
         assert len(list(csv.DictReader(handle))) >= 2
+    # the same config trained by the launcher's own two DDP workers (torchrun) ends on the same weights and masks
+    direct = subprocess.run([sys.executable, "-m", "launcher", "train", str(trial / "config.yaml"), "--nproc-per-node",
+                             "2", f"output_dir={tmp_path / 'direct'}", "name=direct", "resume=null"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert direct.returncode == 0, direct.stderr[-3000:]
+    alone = json.loads((tmp_path / "direct" / "direct" / "summary.json").read_text())
+    assert (alone["test_acc"], alone["val_acc"], alone["steps"]) == (summary["test_acc"], summary["val_acc"],
+                                                                     summary["steps"])
+    ours = load_state(str(final[-1]))
+    theirs = load_state(str(sorted((tmp_path / "direct" / "direct" / "checkpoints").glob("ckpt-e0002-*.pt"))[-1]))
+    for name, tensor in ours["model"].items():
+        assert torch.equal(tensor, theirs["model"][name]), f"{name} differs between the Ray Train trial and torchrun"
+    for name, mask in ours["masks"].items():
+        assert torch.equal(mask, theirs["masks"][name])
