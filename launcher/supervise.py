@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import IO
 
-from engine.errors import EXIT_PREEMPTED
+from engine.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED
 
 STATUS_DIR_ENV = "SPARSETRAIN_WORKER_STATUS_DIR"
 _TAIL_BYTES = 64 * 1024
@@ -64,6 +64,27 @@ class Outcome:
     forwarded: int | None                # the signal the launcher passed on, if any
     nproc: int
     run_dir: str | None = None           # the run directory rank 0 announced, if it got that far
+    report: str | None = None            # where torchrun's own failure report was written, if it gave one
+
+
+def _keep_report(lines: list[str], run_dir: str | None) -> str | None:
+    """Write torchrun's failure report to <run dir>/logs/torchrun.log (a temporary file when the run directory is
+    unknown or remote); returns its path."""
+    if not lines:
+        return None
+    try:
+        if run_dir and "://" not in run_dir:
+            os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+            path = os.path.join(run_dir, "logs", "torchrun.log")
+            with open(path, "a") as handle:
+                handle.writelines(lines)
+            return path
+        handle_fd, path = tempfile.mkstemp(prefix="sparsetrain-torchrun-", suffix=".log")
+        with os.fdopen(handle_fd, "w") as handle:
+            handle.writelines(lines)
+        return path
+    except OSError:
+        return None
 
 
 def torchrun_command(nproc: int, max_restarts: int, worker_args: Sequence[str]) -> list[str]:
@@ -77,6 +98,7 @@ def torchrun_command(nproc: int, max_restarts: int, worker_args: Sequence[str]) 
 def run_torchrun(command: Sequence[str], nproc: int, max_restarts: int) -> Outcome:
     """Run torchrun in its own process group, passing SIGTERM/SIGINT on and its output through; wait for it."""
     env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")     # what torchrun sets anyway, without its banner saying so
     if max_restarts:
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     status_dir = tempfile.mkdtemp(prefix="sparsetrain-workers-")
@@ -85,9 +107,9 @@ def run_torchrun(command: Sequence[str], nproc: int, max_restarts: int) -> Outco
     try:
         child = subprocess.Popen(list(command), env=env, start_new_session=True, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, preexec_fn=_term_when_parent_dies)
-        tail, said = bytearray(), bytearray()
+        tail, said, report = bytearray(), bytearray(), TorchrunReportFilter()
         pumps = [threading.Thread(target=_pump, args=(child.stdout, sys.stdout, said), daemon=True),
-                 threading.Thread(target=_pump, args=(child.stderr, sys.stderr, tail), daemon=True)]
+                 threading.Thread(target=_pump, args=(child.stderr, sys.stderr, tail, report), daemon=True)]
         for pump in pumps:
             pump.start()
 
@@ -102,9 +124,10 @@ def run_torchrun(command: Sequence[str], nproc: int, max_restarts: int) -> Outco
             returncode = child.wait()
         for pump in pumps:
             pump.join()
+        run_dir = announced_run_dir(said.decode("utf-8", "replace"))
         return Outcome(returncode=returncode, statuses=_read_statuses(status_dir), failures=parse_failures(
             tail.decode("utf-8", "replace")), forwarded=forwarded[0] if forwarded else None, nproc=nproc,
-                       run_dir=announced_run_dir(said.decode("utf-8", "replace")))
+                       run_dir=run_dir, report=_keep_report(report.held, run_dir))
     finally:
         shutil.rmtree(status_dir, ignore_errors=True)
 
@@ -135,24 +158,95 @@ class _handlers:
             signal.signal(number, handler)  # type: ignore[arg-type]
 
 
-def _pump(source: IO[bytes] | None, target: IO[str], tail: bytearray | None) -> None:
-    """Copy a child's output as it comes (progress bars too), keeping the last bytes of it in ``tail``."""
+_TRACEBACK = "Traceback (most recent call last):"
+_TORCHRUN_ERROR = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
+_ELASTIC_LOG = re.compile(r"[DIWE]\d{4} \d\d:\d\d:\d\d\.\d+ \d+ \S*torch/distributed/elastic/")
+
+
+class TorchrunReportFilter:
+    """Passes a stream through, except torchrun's own report of a failed worker: the traceback of torchrun's main
+    that ends in ``ChildFailedError`` and the ``====`` failure table after it, a page that says nothing the worker's
+    one line and the launcher's closing line do not. Those lines are kept in ``held`` (for a log file).
+
+    Text is passed on line by line (a progress-bar frame, which starts with a carriage return, at once); a traceback
+    is held until its exception line shows whose it is, and any other traceback is passed on whole.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[str] = []
+        self._pending = ""            # an incomplete line that may start a traceback
+        self._block: list[str] = []   # the traceback being read
+        self._rules = -1              # -1: no table; else the number of "====" lines of the table seen so far
+
+    def feed(self, text: str) -> str:
+        """The part of ``text`` (with what was held back) to show now."""
+        out: list[str] = []
+        lines = (self._pending + text).split("\n")
+        self._pending = lines.pop()
+        for line in lines:
+            self._line(line + "\n", out)
+        if self._pending.startswith("\r") and not self._block and self._rules < 0:
+            out.append(self._pending)        # a progress frame (no newline): show it now
+            self._pending = ""
+        return "".join(out)
+
+    def close(self) -> str:
+        """Whatever is still held back that is not torchrun's report."""
+        rest = "".join(self._block) + self._pending
+        self._block, self._pending = [], ""
+        return rest
+
+    def _line(self, line: str, out: list[str]) -> None:
+        if self._rules >= 0:                              # inside torchrun's failure table
+            self.held.append(line)
+            if line.startswith("===="):
+                self._rules += 1
+                if self._rules == 2:
+                    self._rules = -1
+            return
+        if self._block:
+            self._block.append(line)
+            if line.startswith((" ", "\t")):             # frames and source lines of the traceback
+                return
+            if line.startswith(_TORCHRUN_ERROR):
+                self.held += self._block
+                self._rules = 0
+            else:
+                out.extend(self._block)
+            self._block = []
+            return
+        if line.rstrip("\n") == _TRACEBACK:
+            self._block = [line]
+            return
+        if _ELASTIC_LOG.match(line):     # torchrun's own log lines (closing signals, "failed (exitcode ...)")
+            self.held.append(line)
+            return
+        out.append(line)
+
+
+def _pump(source: IO[bytes] | None, target: IO[str], tail: bytearray | None,
+          report: TorchrunReportFilter | None = None) -> None:
+    """Copy a child's output as it comes (progress bars too), keeping the last bytes of it in ``tail`` and, with
+    ``report``, leaving out torchrun's own failure report."""
     if source is None:
         return
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     fd = source.fileno()
     while True:
         chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        if tail is not None:
+        if tail is not None and chunk:
             tail += chunk
             del tail[:-_TAIL_BYTES]
+        text = decoder.decode(chunk, final=not chunk)
+        if report is not None:
+            text = report.feed(text) + (report.close() if not chunk else "")
         try:
-            target.write(decoder.decode(chunk))
+            target.write(text)
             target.flush()
         except (OSError, ValueError):    # our own output is gone (a closed pipe): keep draining the child's
             pass
+        if not chunk:
+            break
 
 
 def _read_statuses(directory: str) -> dict[int, int]:
@@ -214,10 +308,13 @@ def conclude(outcome: Outcome, resume_command: str) -> tuple[int, str | None]:
         return (outcome.returncode or 1), (f"{what} (torchrun exit {outcome.returncode}); continue from the last "
                                            f"checkpoint with: {resume_command}")
     rank, code = first
+    if code in (EXIT_BAD_INPUT, EXIT_DIVERGED):
+        return code, None      # the rank's own line said what was wrong and what to change; resuming would not help
     others = [f"rank {r} {_how(c)}" for r, c in outcome.failures if r != rank]
     also = f" ({'; '.join(others)})" if others else ""
     status = code if code > 0 else (outcome.returncode or 1)
-    return status, (f"rank {rank} {_how(code)} and the job stopped{also}; continue from the last checkpoint "
+    where = f" (torchrun's report: {outcome.report})" if outcome.report else ""
+    return status, (f"rank {rank} {_how(code)} and the job stopped{also}{where}; continue from the last checkpoint "
                     f"with: {resume_command}")
 
 

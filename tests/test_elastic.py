@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from engine.checkpoint import Checkpointer, load_state
-from launcher.supervise import Outcome, conclude, parse_failures, resume_command
+from launcher.supervise import Outcome, TorchrunReportFilter, conclude, parse_failures, resume_command
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTS = Path(__file__).resolve().parent / "faults"
@@ -70,6 +70,28 @@ def test_torchruns_failure_table_and_the_line_the_launcher_prints() -> None:
     assert conclude(Outcome(0, {0: 0, 1: 0}, [], None, 2), again) == (0, None)
     assert conclude(Outcome(1, {0: 0, 1: 0}, [], signal.SIGTERM, 2), again) == (0, None)   # finished first
     assert conclude(Outcome(1, {0: 3, 1: 3}, [(0, 3), (1, 3)], None, 2), again)[0] == 3   # diverged passes through
+
+
+def test_torchruns_own_report_is_left_out_and_kept_for_the_log() -> None:
+    """What a 2-rank failure prints through torchrun: the workers' lines and progress frames pass, torchrun's
+    traceback, failure table and log lines are held back (for logs/torchrun.log); another traceback passes whole."""
+    torchrun_tb = ("Traceback (most recent call last):\n  File \"/x/torch/distributed/run.py\", line 9, in main\n"
+                   "    run(args)\n")
+    elastic_log = ("W1202 16:42:44.679000 13524 site-packages/torch/distributed/elastic/multiprocessing/api.py:1028] "
+                   "Sending process 13540 closing signal SIGTERM\n")
+    other_tb = "Traceback (most recent call last):\n  File \"a.py\", line 1, in f\nValueError: boom\n"
+    stream = ("\repoch 1/2:  50%|#####     | 1/2" + "\rdone\n" + "config error: bad value\n" + other_tb + elastic_log
+              + torchrun_tb + TORCHRUN_TABLE.lstrip("\n") + "after\n")
+    shown_parts, report = [], TorchrunReportFilter()
+    for start in range(0, len(stream), 7):          # in small chunks, as a pipe delivers it
+        shown_parts.append(report.feed(stream[start:start + 7]))
+    shown = "".join(shown_parts) + report.close()
+    assert shown == "\repoch 1/2:  50%|#####     | 1/2\rdone\nconfig error: bad value\n" + other_tb + "after\n"
+    held = "".join(report.held)
+    assert held == elastic_log + torchrun_tb + TORCHRUN_TABLE.lstrip("\n")
+    assert report.feed("\rframe") == "\rframe"    # a progress frame without a newline is shown at once
+    # a rank refusing its input (2) or diverging (3) said why in its own line: no resume hint
+    assert conclude(Outcome(1, {0: 2}, [(0, 2)], None, 2), "again") == (2, None)
 
 
 def test_roll_call_names_the_ranks_that_do_not_check_in() -> None:
