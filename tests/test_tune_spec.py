@@ -264,3 +264,10 @@ def test_table_csv_best_and_plot(tmp_path: Path) -> None:
     assert [r["trial"] for r in read] == ["trial_0", "trial_1", "trial_2"] and read[1]["stopped_early"] == "True"
     plot(plan, rows, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_config_key_given_to_tune_points_at_set_and_space() -> None:
+    sweep = str(Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "set_digits.yaml")
+    with pytest.raises(ConfigError, match=r"goes under set \(set\.sparsity\.drop_fraction=0\.3\) or, to sweep it"):
+        load_sweep(sweep, ["sparsity.drop_fraction=0.3"])
+    assert load_sweep(sweep, ["set.sparsity.drop_fraction=0.3", "name=other"]) is not None

@@ -25,6 +25,7 @@ PBT (``scheduler: {name: pbt, perturbation_interval: 1}``) mutates only keys tha
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Mapping, Sequence
@@ -408,6 +409,12 @@ def to_plain(value: Any) -> Any:
 
 def load_sweep(path: str, overrides: Sequence[str] = ()) -> SweepPlan:
     """Read a sweep file, apply ``key=value`` overrides (dotted keys into the sweep file), check it all."""
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    for item in overrides:
+        head = item.split("=", 1)[0].strip().split(".", 1)[0]
+        if head in sections and head not in {f.name for f in dataclasses.fields(SweepConfig)}:
+            raise ConfigError(f"{item}: overrides of the tune command are keys of the sweep file; a key of the run "
+                              f"config goes under set (set.{item}) or, to sweep it, under space")
     data = apply_overrides(read_yaml(path), overrides)
     if isinstance(data.get("base"), str) and not _is_url(data["base"]) and not os.path.exists(data["base"]):
         beside = os.path.join(os.path.dirname(path), data["base"])    # a base path relative to the sweep file
