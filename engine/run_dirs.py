@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import fsspec
@@ -116,8 +116,8 @@ def resume_run_dir(url: str) -> str | None:
     return parent.rsplit("/", 1)[0] if parent.endswith(f"/{CHECKPOINT_SUBDIR}") else None
 
 
-def resume_target(resume: str, output_dir: str, name: str,
-                  checkpoint_dir: str | None = None) -> tuple[str | None, str | None]:
+def resume_target(resume: str, output_dir: str, name: str, checkpoint_dir: str | None = None,
+                  note: Callable[[str], None] | None = None) -> tuple[str | None, str | None]:
     """(checkpoint URL or None, run directory or None) for a ``resume`` setting, without writing anything.
 
     resume=auto looks in ``checkpoint_dir`` when set, else in <output_dir>/<name>/checkpoints; with no checkpoint yet
@@ -125,7 +125,7 @@ def resume_target(resume: str, output_dir: str, name: str,
     checkpoints/ is the one its directory's ``.owner`` names; None means "claim a new one".
     """
     default_run = join(output_dir, name)
-    url = resolve_resume(resume, checkpoint_dir or join(default_run, CHECKPOINT_SUBDIR))
+    url = resolve_resume(resume, checkpoint_dir or join(default_run, CHECKPOINT_SUBDIR), note)
     if url is None:
         return None, default_run
     return url, resume_run_dir(url) or _read_text(join(url.rstrip("/").rsplit("/", 1)[0], OWNER_MARKER))

@@ -156,7 +156,8 @@ def check_output(cfg: RunConfig) -> None:
 
 def _resume_target(cfg: RunConfig) -> tuple[str | None, str | None]:
     try:
-        return resume_target(cfg.resume, cfg.output_dir, cfg.name, cfg.checkpoint.dir)
+        # quietly: the run itself resolves the target again and says which damaged checkpoints it skips, once
+        return resume_target(cfg.resume, cfg.output_dir, cfg.name, cfg.checkpoint.dir, note=lambda line: None)
     except FileNotFoundError as error:
         raise BadInput("resume", str(error).removeprefix("resume: ")) from None
     except (ValueError, ImportError, OSError) as error:
