@@ -59,14 +59,20 @@ class AtInitConfig(MethodConfig):
         if self.distribution != "uniform" and not scope_class(AT_INIT_SCOPES[self.scope]).spreads:
             raise ValueError(f"distribution '{self.distribution}' sets per-layer budgets; it needs scope: layer "
                              "(set sparsity.scope=layer)")
-        if self.nm is not None:
+        if self.nm is not None:     # every contradiction in one line, so one fix of the command line suffices
             self.nm = list(parse_nm(self.nm, "sparsity.nm"))
-            check_nm_density(self.nm, self.density, "sparsity.density")
+            problems = []
+            try:
+                check_nm_density(self.nm, self.density, "sparsity.density")
+            except ValueError as error:
+                problems.append(str(error))
             if self.selection != "exact":
-                raise ValueError("sparsity.nm keeps exactly N of every M: it needs sparsity.selection=exact")
+                problems.append("sparsity.nm keeps exactly N of every M: it needs sparsity.selection=exact")
             if self.distribution != "uniform":
-                raise ValueError("sparsity.nm gives every group of M the same budget: it needs "
-                                 "sparsity.distribution=uniform")
+                problems.append("sparsity.nm gives every group of M the same budget: it needs "
+                                "sparsity.distribution=uniform")
+            if problems:
+                raise ValueError("; ".join(problems))
 
     def check_length(self, steps_per_epoch: int, epochs: int) -> list[str]:
         """Warn (a sweep may mean it): a density schedule over one iteration is the final density; density 1 prunes
