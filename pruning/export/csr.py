@@ -87,6 +87,8 @@ class CsrLinear(_CsrBase):
         return cls(_to_csr(layer.weight), layer.bias, tile)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and (self.tile is None or x.shape[0] <= self.tile):
+            return self._product(x.t().contiguous()).t()     # no reshapes: per-call overhead shows at LeNet's size
         rows = x.reshape(-1, x.shape[-1])
         shape = (*x.shape[:-1], self.weight.shape[0])
         if self.tile is None or rows.shape[0] <= self.tile:
@@ -304,12 +306,16 @@ class CsrSequential(nn.Sequential):
 
 
 def _run_chain(chain: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor:
-    """The chain on ``x`` (..., in) with the activation kept (features, rows) throughout."""
-    lead = x.shape[:-1]
-    h = x.reshape(-1, x.shape[-1]).t().contiguous()
+    """The chain on ``x`` (..., in) with the activation kept (features, rows) throughout. Its modules' ``forward``
+    is called directly, without ``__call__``'s hook handling (hooks would see the transposed activation anyway):
+    at LeNet's sizes a module call's overhead is a few percent of the whole forward."""
+    h = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).t().contiguous()
     for module in chain:
-        h = module._product(h) if isinstance(module, CsrLinear) else module(h)
-    return h.t().reshape(*lead, h.shape[0])
+        if isinstance(module, CsrLinear):
+            h = module._product(h)
+        elif not (isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training)):
+            h = module.forward(h)
+    return h.t() if x.dim() == 2 else h.t().reshape(*x.shape[:-1], h.shape[0])
 
 
 def _untiled(module: nn.Module) -> nn.Module:
