@@ -5,9 +5,7 @@ round(density * n); for speed only the zero pattern matters, not the accuracy; `
 only its MLP linears pruned, the stripping experiments' setting), the model is exported to ``csr``
 (every layer timed dense vs sparse, the faster kept: ``pruning.export.csr``) and both are timed at batch 1 and at
 the serving batch, interleaved round by round (``benchmarks.timing``) so load drift on a shared machine hits both
-alike. The ratio column is the median of per-round ratios dense / exported (above 1: the export is faster). Where the
-export chained CSR linears (``fuse_csr_chains``), ``csr per layer`` is the same export with its chains undone,
-timed against dense in a second interleaved pair right after, so chaining's gain is measured in the same run.
+alike. The ratio column is the median of per-round ratios dense / exported (above 1: the export is faster).
 ``--clock cpu`` (the default, with one thread) times the CPU time of the one torch thread rather than wall time: on a
 shared machine a process waiting for a core is not charged for the wait (the per-layer choice at export is timed
 the same way).
@@ -33,7 +31,7 @@ from torch import nn
 import models
 from benchmarks.timing import interleaved, ratio_stats
 from launcher.export import example_input, export_model
-from pruning.export import load_csr, plain_model, tensor_bytes
+from pruning.export import plain_model, tensor_bytes
 from pruning.targets import ROLES, TargetConfig, prunable_parameters
 
 SHAPES = {  # model -> (channels, image size, classes, options): the data set each is usually trained on
@@ -78,17 +76,6 @@ def unit_masked(name: str, units: float, seed: int = 0) -> tuple[nn.Module, dict
     return model, manifest
 
 
-def per_layer(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], layers: dict[str, Any]) -> nn.Module:
-    """The csr export with its chains undone (every CSR layer transposing its own input and output, untiled where
-    chained): the form before chaining, on the same weights, to time chaining's gain in the same run."""
-    shape = manifest["input"]
-    model = models.build_model(manifest["model"]["name"], in_channels=shape["channels"],
-                               image_size=shape["image_size"], num_classes=shape["num_classes"],
-                               **manifest["model"]["options"])
-    return load_csr(model, tensors, {name: {k: v for k, v in spec.items() if k != "chained"}
-                                     for name, spec in layers.items()})
-
-
 def compare(entries: dict[str, tuple[nn.Module, int]], manifest: dict[str, Any], batches: list[int],
             device: torch.device, rounds: int = 30, warmup: int = 3,
             clock: Callable[[], float] | None = None) -> list[dict[str, Any]]:
@@ -130,7 +117,7 @@ def plot(report: list[dict[str, Any]], path: str) -> None:
     for name in dict.fromkeys(entry["model"] for entry in report):
         entries = [e for e in report if e["model"] == name]
         densities = [e["density"] for e in entries]
-        exported = [[r for r in e["rows"] if r["variant"] not in ("dense", "csr per layer")] for e in entries]
+        exported = [[r for r in e["rows"] if r["variant"] != "dense"] for e in entries]
         axes[0].plot(densities, [rows[0]["speedup"] for rows in exported], "o-", label=name)
         axes[1].plot(densities, [rows[-1]["speedup"] for rows in exported], "o-",
                      label=f"{name} (batch {exported[0][-1]['batch']})")
@@ -177,18 +164,10 @@ def main() -> None:
             model, manifest = (unit_masked if args.compact else magnitude_masked)(name, density)
             serving = args.serving_batch or SERVING[name]
             choices: list[str] = []
-            exported, tensors, details = export_model(model, manifest, fmt, device, serving, report=choices.append)
+            exported, tensors, _ = export_model(model, manifest, fmt, device, serving, report=choices.append)
             dense_bytes = tensor_bytes(dict(model.state_dict()))
             entries = {"dense": (plain_model(model), dense_bytes), fmt: (exported, tensor_bytes(tensors))}
             rows = compare(entries, manifest, [1, serving], device, args.rounds, clock=clock)
-            if not args.compact and any(spec.get("chained") for spec in details["layers"].values()):
-                # a pair of its own: interleaving rotates a fixed order, so a third variant would always run right
-                # after the same one (with that one's data in the cache)
-                unchained = {"dense": entries["dense"], "csr per layer": (
-                    per_layer(manifest, tensors, details["layers"]), tensor_bytes(tensors))}
-                rows += [row for row in compare(unchained, manifest, [1, serving], device, args.rounds, clock=clock)
-                         if row["variant"] != "dense"]
-                rows.sort(key=lambda row: row["batch"])
             label = f"{name} units={density}" if args.compact else f"{name} d={density}"
             print(format_rows(rows, label, header=False), flush=True)
             if args.compact:

@@ -21,7 +21,7 @@ from engine.run_config import load_config
 from engine.trainer import train
 from launcher.cli import main
 from launcher.export import example_input, export, load_export, masked_model
-from pruning.export import CsrConv2d, CsrLinear, CsrSequential, csr_tensors, fuse_csr_chains, load_csr, sparsify
+from pruning.export import CsrConv2d, CsrLinear, csr_tensors, load_csr, sparsify
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
@@ -78,11 +78,9 @@ def test_dense_loads_with_safetensors_and_torch_alone(runs: dict[str, Path], tmp
 def test_csr_matches_the_masked_model_and_reloads(runs: dict[str, Path], tmp_path: Path) -> None:
     lines: list[str] = []
     result = export(str(runs["magnitude"]), "csr", str(tmp_path / "csr"), choice="sparse", report=lines.append)
-    assert len(lines) == 3 and all(line.endswith("-> csr, chained") for line in lines[:2])
-    assert lines[2].startswith("classifier") and lines[2].endswith("-> csr")   # outside the Sequential: per layer
+    assert len(lines) == 3 and all(line.endswith("-> csr") for line in lines)
     loaded, manifest = load_export(str(tmp_path / "csr"))
     assert sum(isinstance(m, CsrLinear) for m in loaded.modules()) == 3
-    assert isinstance(loaded.features, CsrSequential) and loaded.features.chains == [(0, 4)]   # rebuilt chained
     masked, _ = masked_model(str(runs["magnitude"]), [])
     x = _inputs(manifest)
     with torch.no_grad():
@@ -167,82 +165,6 @@ def test_csr_conv_matches_conv2d(options: dict) -> None:
     x = torch.randn(2, 3, 9, 7)
     with torch.no_grad():
         torch.testing.assert_close(CsrConv2d.from_conv(conv)(x), conv(x), atol=1e-5, rtol=0)
-
-
-class _Wrapped(nn.Module):
-    """A model that is not itself a Sequential: its ``body`` can be swapped for the chained form."""
-
-    def __init__(self, body: nn.Module) -> None:
-        super().__init__()
-        self.body = body
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-
-def _chain_model() -> nn.Module:
-    """A Sequential with two chains: one interrupted by a dense-kept linear (no zero weight: not a candidate), one
-    after a LayerNorm (not elementwise), and a lone CSR linear between them that forms no chain."""
-    torch.manual_seed(0)
-    model = _Wrapped(nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(8, 7), nn.GELU(),
-                               nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3),
-                               nn.Identity(), nn.Linear(3, 2), nn.Tanh()))
-    with torch.no_grad():
-        for index in (0, 3, 7, 9, 11):
-            layer = model.body[index]
-            layer.weight.mul_((torch.rand_like(layer.weight) < 0.5).float())
-            layer.weight[0, 0] = 0.0
-    return model.eval()
-
-
-def test_csr_chains_keep_outputs_and_reload() -> None:
-    masked, model = _chain_model(), _chain_model()
-    x = torch.randn(2, 3, 6)                            # leading dims beyond the batch survive the chain
-    lines = [verdict.line() for verdict in sparsify(model, x, "sparse")]
-    assert isinstance(model.body, CsrSequential) and model.body.chains == [(0, 5), (9, 13)]
-    assert [line.endswith("-> csr, chained") for line in lines] == [True, True, False, True, True]
-    assert isinstance(model.body[5], nn.Linear) and isinstance(model.body[7], CsrLinear)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), masked(x), atol=1e-5, rtol=0)
-        assert model(x).shape == (2, 3, 2)
-    tensors, layers = csr_tensors(model)
-    assert {name for name, spec in layers.items() if spec.get("chained")} == {"body.0", "body.3", "body.9", "body.11"}
-    assert set(tensors) == set(csr_tensors(_sparse(_chain_model()))[0])        # the file holds the same tensors
-    loaded = load_csr(_chain_model(), tensors, layers)
-    assert isinstance(loaded.body, CsrSequential) and loaded.body.chains == model.body.chains
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
-    unchained = load_csr(_chain_model(), tensors, {n: {**s, "chained": False} for n, s in layers.items()})
-    assert type(unchained.body) is nn.Sequential          # a file without the flag (older exports) runs per layer
-    with torch.no_grad():
-        torch.testing.assert_close(unchained(x), model(x), atol=1e-5, rtol=0)
-    wrong = _chain_model()
-    wrong.body = nn.ModuleList(wrong.body)
-    with pytest.raises(ValueError, match="not an nn.Sequential"):
-        load_csr(wrong, tensors, layers)
-
-
-def _sparse(model: nn.Module) -> nn.Module:
-    """``model`` with every candidate CSR, per layer (no chains)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and bool((module.weight == 0).any()):
-            model.body[int(name.rpartition(".")[2])] = CsrLinear.from_linear(module)
-    return model
-
-
-def test_chains_are_timed_as_they_run_and_need_a_sequential_below_the_root() -> None:
-    model = _chain_model()
-    tiled = _sparse(model)
-    tiled.body[0] = CsrLinear(tiled.body[0].weight, tiled.body[0].bias, tile=2)
-    x = torch.randn(16, 6)
-    names = fuse_csr_chains(tiled, x, min_run_time=0.01)     # kept only if the chained form timed faster
-    assert names in ([], ["body.0", "body.3", "body.9", "body.11"])
-    if names:
-        assert tiled.body[0].tile is None                     # a chain runs untiled: it was timed so
-    else:
-        assert type(tiled.body) is nn.Sequential and tiled.body[0].tile == 2
-    root = nn.Sequential(CsrLinear.from_linear(nn.Linear(4, 3)), nn.ReLU(), CsrLinear.from_linear(nn.Linear(3, 2)))
-    assert fuse_csr_chains(root) == [] and type(root) is nn.Sequential
 
 
 def test_corrupt_csr_indices_are_refused() -> None:

@@ -8,8 +8,7 @@ the loaders here take a freshly built model and turn it into the exported one.
 - ``compact``: empty units (all-zero rows and filters) physically removed with every dependent layer shrunk
   (Torch-Pruning's dependency graph); the result is a smaller dense model.
 - ``csr``: linear layers, and convolutions through unfold, as compressed-sparse-row weights run by torch's sparse
-  kernels, each kept dense unless sparse measured faster on the target device at export; chains of CSR linears in
-  an ``nn.Sequential`` run with the activation kept transposed where that measured faster.
+  kernels, each kept dense unless sparse measured faster on the target device at export.
 - ``hashed``: a HashedNet model as its banks plus the assignment of every weight to a bank entry, in the narrowest
   integer type that holds it.
 - ``2:4``: linear layers that keep at most 2 of every 4 inputs as torch's semi-structured sparse tensors in
@@ -17,12 +16,11 @@ the loaders here take a freshly built model and turn it into the exported one.
 """
 
 from pruning.export.compact import GroupReport, compact, shrink
-from pruning.export.csr import (CsrConv2d, CsrLinear, CsrSequential, LayerChoice, csr_tensors, fuse_csr_chains,
-                                load_csr, sparsify)
+from pruning.export.csr import CsrConv2d, CsrLinear, LayerChoice, csr_tensors, load_csr, sparsify
 from pruning.export.files import FORMATS, plain_model, read_export, tensor_bytes, write_export
 from pruning.export.hashed import hashed_tensors, load_hashed
 from pruning.export.semi import export_semi, load_semi, require_cuda
 
-__all__ = ["FORMATS", "CsrConv2d", "CsrLinear", "CsrSequential", "GroupReport", "LayerChoice", "compact",
-           "csr_tensors", "export_semi", "fuse_csr_chains", "hashed_tensors", "load_csr", "load_hashed", "load_semi",
-           "plain_model", "read_export", "require_cuda", "shrink", "sparsify", "tensor_bytes", "write_export"]
+__all__ = ["FORMATS", "CsrConv2d", "CsrLinear", "GroupReport", "LayerChoice", "compact", "csr_tensors",
+           "export_semi", "hashed_tensors", "load_csr", "load_hashed", "load_semi", "plain_model", "read_export",
+           "require_cuda", "shrink", "sparsify", "tensor_bytes", "write_export"]

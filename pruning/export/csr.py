@@ -18,7 +18,6 @@ weight, pruned or not: the weights shrink once density is under one half.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -150,14 +149,12 @@ class LayerChoice:
     sparse_us: float | None
     kept: str
     tile: int | None = None
-    chained: bool = False
 
     def line(self) -> str:
         timing = ("not timed" if self.dense_us is None or self.sparse_us is None else
                   f"dense {self.dense_us:9.1f} us  csr {self.sparse_us:9.1f} us  "
                   f"({self.dense_us / self.sparse_us:5.2f}x)")
         kept = f"{self.kept} tile {self.tile}" if self.kept == "csr" and self.tile else self.kept
-        kept += ", chained" if self.chained else ""
         return f"{self.name:<32} {self.kind:<7} density {self.density:6.4f}  {timing}  -> {kept}"
 
 
@@ -225,9 +222,6 @@ def sparsify(model: nn.Module, example: torch.Tensor, choice: Choice = "auto",
             _set(model, name, sparse)
         verdicts[name] = LayerChoice(name, sparse.spec()["kind"], density, dense_us, sparse_us,
                                      "csr" if keep_sparse else "dense", getattr(sparse, "tile", None))
-    if choice != "dense":
-        for name in fuse_csr_chains(model, example if choice == "auto" else None, min_run_time):
-            verdicts[name].chained, verdicts[name].tile = True, None
     return [verdicts[name] for name in candidates]
 
 
@@ -257,116 +251,14 @@ def _inputs(model: nn.Module, example: torch.Tensor, layers: dict[str, nn.Module
     return seen
 
 
-ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout)
-"""Modules that act on each element alone (Dropout: in eval), so they run unchanged on a transposed activation."""
-
-
-def _chains(children: list[nn.Module]) -> list[tuple[int, int]]:
-    """(start, stop) of each maximal run of untiled CSR linears and :data:`ELEMENTWISE` modules that starts at a CSR
-    linear and holds at least two modules (a lone CSR linear gains nothing)."""
-    runs: list[tuple[int, int]] = []
-    start = None
-    for index, child in enumerate([*children, None]):
-        linear = isinstance(child, CsrLinear) and child.tile is None
-        if start is None:
-            start = index if linear else None
-        elif not (linear or isinstance(child, ELEMENTWISE)):
-            if index - start >= 2:
-                runs.append((start, index))
-            start = index if linear else None
-    return runs
-
-
-class CsrSequential(nn.Sequential):
-    """An ``nn.Sequential`` (same children, same names) whose chains of CSR linears separated only by elementwise
-    modules keep the activation transposed, (features, rows), from the chain's start to its end.
-
-    A lone :class:`CsrLinear` transposes its input into the (in, rows) operand torch's CSR product wants, and hands
-    its (out, rows) result back as a transposed view; inside a chain each linear's ``addmm`` takes the previous one's
-    result as it is, and the elementwise modules run on it in place, so the chain pays one transpose in, one view
-    out, and none of the per-layer reshapes and module calls in between.
-    """
-
-    def __init__(self, children: dict[str, nn.Module]) -> None:
-        super().__init__(OrderedDict(children))
-        modules = list(self)
-        self.chains = _chains(modules)
-        starts = dict(self.chains)
-        self._plan: list[nn.Module | tuple[nn.Module, ...]] = []
-        index = 0
-        while index < len(modules):
-            stop = starts.get(index, index + 1)
-            self._plan.append(tuple(modules[index:stop]) if index in starts else modules[index])
-            index = stop
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for step in self._plan:
-            x = _run_chain(step, x) if isinstance(step, tuple) else step(x)
-        return x
-
-
-def _run_chain(chain: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor:
-    """The chain on ``x`` (..., in) with the activation kept (features, rows) throughout. Its modules' ``forward``
-    is called directly, without ``__call__``'s hook handling (hooks would see the transposed activation anyway):
-    at LeNet's sizes a module call's overhead is a few percent of the whole forward."""
-    h = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).t().contiguous()
-    for module in chain:
-        if isinstance(module, CsrLinear):
-            h = module._product(h)
-        elif not (isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training)):
-            h = module.forward(h)
-    return h.t() if x.dim() == 2 else h.t().reshape(*x.shape[:-1], h.shape[0])
-
-
-def _untiled(module: nn.Module) -> nn.Module:
-    """A tiled CSR linear as its untiled form (sharing the weight), anything else as it is."""
-    return CsrLinear(module.weight, module.bias) if isinstance(module, CsrLinear) and module.tile else module
-
-
-def fuse_csr_chains(model: nn.Module, example: torch.Tensor | None = None, min_run_time: float = 0.2) -> list[str]:
-    """Run the CSR-linear chains of ``model``'s ``nn.Sequential`` submodules transposed (:class:`CsrSequential`),
-    in place; returns the names of the CSR linears now chained.
-
-    With ``example``, each such Sequential is timed as it is and chained on its input from ``example`` (as for the
-    per-layer choice), and chained only where that is faster; without, every chain is fused. A chain runs its
-    linears untiled (a tile would slice the transposed activation's columns), so a tiled linear that could join a
-    chain is timed untiled inside it: the comparison is between the two forms as they would run. Only plain
-    ``nn.Sequential`` submodules qualify (a subclass may have its own forward), not the model itself (it cannot be
-    swapped in place). Outputs do not change beyond float rounding.
-    """
-    model.eval()
-    found = {name: module for name, module in model.named_modules()
-             if name and type(module) is nn.Sequential and _chains([_untiled(child) for child in module])}
-    inputs = _inputs(model, example, found) if example is not None and found else {}
-    chained = []
-    with torch.no_grad():
-        for name, sequential in found.items():
-            fused = CsrSequential({child: _untiled(module) for child, module in sequential.named_children()})
-            if example is not None:
-                if name not in inputs:
-                    continue        # never reached: nothing to time it on
-                if _median_us(fused, inputs[name], min_run_time) >= _median_us(sequential, inputs[name],
-                                                                                min_run_time):
-                    continue
-            _set(model, name, fused)
-            chained += [f"{name}.{child}" for start, stop in fused.chains
-                        for child, _ in list(fused.named_children())[start:stop]
-                        if isinstance(getattr(fused, child), CsrLinear)]
-    return chained
-
-
 def csr_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """(every tensor to save, the CSR layers' specs) of a model after :func:`sparsify`."""
     tensors = dict(model.state_dict())
     layers = {}
-    chained = {f"{name}.{child}" for name, module in model.named_modules() if isinstance(module, CsrSequential)
-               for start, stop in module.chains for child, _ in list(module.named_children())[start:stop]}
     for name, module in model.named_modules():
         if isinstance(module, _CsrBase):
             tensors.update(module.components(name))
             layers[name] = module.spec()
-            if name in chained:
-                layers[name]["chained"] = True
     return tensors, layers
 
 
@@ -383,10 +275,4 @@ def load_csr(model: nn.Module, tensors: dict[str, torch.Tensor], layers: dict[st
             module = CsrConv2d(weight, bias, spec["kernel_size"], spec["stride"], spec["padding"], spec["dilation"])
         _set(model, name, module)
     model.load_state_dict(rest, strict=True)
-    for parent in dict.fromkeys(name.rpartition(".")[0] for name, spec in layers.items() if spec.get("chained")):
-        sequential = model.get_submodule(parent)
-        if type(sequential) is not nn.Sequential:
-            raise ValueError(f"CSR layers under {parent!r} are saved as chained but it is a "
-                             f"{type(sequential).__name__}, not an nn.Sequential: the file does not fit this model")
-        _set(model, parent, CsrSequential(dict(sequential.named_children())))
     return model.eval()
