@@ -40,6 +40,8 @@ import torch
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from common.urls import join_url
+
 __all__ = [
     "CheckpointConfig",
     "CheckpointError",
@@ -110,10 +112,6 @@ def _require_int_at_least(name: str, value: object, low: int) -> None:
 # Storage primitives
 # ----------------------------------------------------------------------------------------------------------------
 
-
-def _join(directory: str, name: str) -> str:
-    """Join with '/' while keeping the caller's spelling of the directory (URL or local path)."""
-    return f"{directory.rstrip('/')}/{name}"
 
 
 def _parent(path: str) -> str:
@@ -360,23 +358,23 @@ class Checkpointer:
         """Write the checkpoint and its sidecar, then the pointer, then prune: a crash at any point leaves a loadable
         latest. ``metric`` (higher is better) ranks it for ``keep_best``; ``finite`` as for ``save_state``."""
         name = self.filename(epoch, step)
-        url = _join(self.directory, name)
+        url = join_url(self.directory, name)
         save_state(url, state, metric=metric, finite=finite)
-        _atomic_write(_join(self.directory, LATEST_POINTER), (name + "\n").encode())
+        _atomic_write(join_url(self.directory, LATEST_POINTER), (name + "\n").encode())
         self._prune(keep_name=name)
         return url
 
     def checkpoints(self) -> list[str]:
         """URLs of all checkpoint files in the directory, oldest first by (epoch, step)."""
-        return [_join(self.directory, name) for name in self._names()]
+        return [join_url(self.directory, name) for name in self._names()]
 
     def latest(self) -> str | None:
         """The pointer's target if it exists; otherwise the newest file by name; None for an empty directory."""
         pointed = self._read_pointer()
         if pointed is not None and self._fs.exists(f"{self._path}/{pointed}"):
-            return _join(self.directory, pointed)
+            return join_url(self.directory, pointed)
         names = self._names()
-        return _join(self.directory, names[-1]) if names else None
+        return join_url(self.directory, names[-1]) if names else None
 
     def candidates(self) -> list[str]:
         """Checkpoint URLs newest first, the pointer's target leading (it names the last save that completed)."""
@@ -385,7 +383,7 @@ class Checkpointer:
         if pointed in names:
             names.remove(pointed)
             names.insert(0, pointed)
-        return [_join(self.directory, name) for name in names]
+        return [join_url(self.directory, name) for name in names]
 
     def newest_verified(self, note: Note | None = None) -> str | None:
         """The newest checkpoint whose bytes verify (``candidates`` order), saying through ``note`` which newer ones
@@ -448,7 +446,7 @@ class Checkpointer:
         excess = others[: max(0, len(others) - (self.keep - 1))]
         if not excess:
             return
-        metas = {name: _read_meta(_join(self.directory, name)) or {} for name in names}
+        metas = {name: _read_meta(join_url(self.directory, name)) or {} for name in names}
         protected = {next((n for n in reversed(names) if metas[n].get("finite") is True), None)}
         if self.keep_best:
             ranked = [(metas[n]["metric"], i) for i, n in enumerate(names)
@@ -466,9 +464,9 @@ class Checkpointer:
     def best(self) -> str | None:
         """URL of the checkpoint with the highest metric (the newest of equals), or None when none has one."""
         names = self._names()
-        ranked = [((_read_meta(_join(self.directory, n)) or {}).get("metric"), i) for i, n in enumerate(names)]
+        ranked = [((_read_meta(join_url(self.directory, n)) or {}).get("metric"), i) for i, n in enumerate(names)]
         ranked = [(m, i) for m, i in ranked if isinstance(m, (int, float))]
-        return _join(self.directory, names[max(ranked)[1]]) if ranked else None
+        return join_url(self.directory, names[max(ranked)[1]]) if ranked else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,7 +480,7 @@ def _latest_in(directory: str, note: Note | None = None) -> str | None:
     here = Checkpointer(directory)
     if here.latest() is not None:
         return here.newest_verified(note)
-    return Checkpointer(_join(directory, CHECKPOINT_SUBDIR)).newest_verified(note)
+    return Checkpointer(join_url(directory, CHECKPOINT_SUBDIR)).newest_verified(note)
 
 
 def resolve_resume(resume: str, default_dir: str, note: Note | None = None) -> str | None:

@@ -32,6 +32,8 @@ import fsspec
 from fsspec.core import url_to_fs
 from tqdm import tqdm
 
+from common.urls import join_url
+
 __all__ = ["Bar", "Monitor", "MonitorConfig", "format_summary"]
 
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -147,10 +149,6 @@ def _is_local(url: str) -> bool:
     return fsspec.utils.get_protocol(url) in ("file", "local")
 
 
-def _join(directory: str, name: str) -> str:
-    """Join with '/' keeping the caller's spelling of the directory."""
-    return f"{directory.rstrip('/')}/{name}"
-
 
 class Monitor:
     """Rank-0 logging: TensorBoard scalars, a progress bar and console lines; a no-op everywhere else."""
@@ -173,7 +171,7 @@ class Monitor:
         if _is_local(self.run_dir):
             self._tb_dir = os.path.join(url_to_fs(self.run_dir)[1], TENSORBOARD_SUBDIR)
         else:
-            self._tb_dir = _join(self.run_dir, TENSORBOARD_SUBDIR)
+            self._tb_dir = join_url(self.run_dir, TENSORBOARD_SUBDIR)
         self._writer = SummaryWriter(log_dir=self._tb_dir, flush_secs=FLUSH_SECS)
 
     @property
@@ -224,7 +222,7 @@ class Monitor:
             return
         table = self._tables.get(name)
         if table is None:
-            table = self._tables[name] = _Table(_join(self.run_dir, name), list(columns))
+            table = self._tables[name] = _Table(join_url(self.run_dir, name), list(columns))
             table.read_before(key, since)
         table.rows.extend(dict(row) for row in rows)
         table.write()
@@ -385,8 +383,8 @@ def format_summary(summary: Mapping[str, Any], layers: list[tuple[str, int, int]
     lines += [f"  {key:<15} {_plain(value)}" for key, value in summary.items() if key not in known]
     lines += ["", *(_layer_rows(layers) if layers else ["  no prunable layers"]), ""]
     lines += [f"  run directory   {run_dir}",
-              f"  checkpoints     {checkpoint_dir or _join(run_dir, 'checkpoints')}",
-              f"  config          {config_path or _join(run_dir, 'config.yaml')}",
+              f"  checkpoints     {checkpoint_dir or join_url(run_dir, 'checkpoints')}",
+              f"  config          {config_path or join_url(run_dir, 'config.yaml')}",
               f"  tensorboard     {'tensorboard --logdir ' + shlex.quote(tb_dir) if tb_dir else 'off'}"]
     return "\n".join(lines)
 

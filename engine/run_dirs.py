@@ -20,6 +20,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from common.urls import join_url
 from engine.checkpoint import CHECKPOINT_SUBDIR, Checkpointer, resolve_resume
 
 RUN_MARKER = ".run"
@@ -40,9 +41,6 @@ SAFE_TO_CHANGE: tuple[str, ...] = (
 class RunDirError(ValueError):
     """A run directory or checkpoint directory that this run may not use; the message is one line with the fix."""
 
-
-def join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}"
 
 
 def create_exclusive(url: str, text: str) -> bool:
@@ -97,16 +95,16 @@ def claim_new_run_dir(output_dir: str, name: str) -> str:
     fs, root = fsspec.core.url_to_fs(output_dir)
     candidate, n = name, 1
     while True:
-        taken = fs.exists(join(root, candidate) + "/config.yaml")
-        if not taken and create_exclusive(join(join(output_dir, candidate), RUN_MARKER), uuid.uuid4().hex):
-            return join(output_dir, candidate)
+        taken = fs.exists(join_url(root, candidate) + "/config.yaml")
+        if not taken and create_exclusive(join_url(join_url(output_dir, candidate), RUN_MARKER), uuid.uuid4().hex):
+            return join_url(output_dir, candidate)
         n += 1
         candidate = f"{name}-{n}"
 
 
 def adopt_run_dir(run_dir: str) -> None:
     """Mark a directory a run continues in (resume=auto's first start, or a resumed run) as taken."""
-    create_exclusive(join(run_dir, RUN_MARKER), uuid.uuid4().hex)
+    create_exclusive(join_url(run_dir, RUN_MARKER), uuid.uuid4().hex)
 
 
 def resume_run_dir(url: str) -> str | None:
@@ -124,23 +122,23 @@ def resume_target(resume: str, output_dir: str, name: str, checkpoint_dir: str |
     it is (None, <output_dir>/<name>), a fresh start there. The run directory of a checkpoint outside a run's
     checkpoints/ is the one its directory's ``.owner`` names; None means "claim a new one".
     """
-    default_run = join(output_dir, name)
-    url = resolve_resume(resume, checkpoint_dir or join(default_run, CHECKPOINT_SUBDIR), note)
+    default_run = join_url(output_dir, name)
+    url = resolve_resume(resume, checkpoint_dir or join_url(default_run, CHECKPOINT_SUBDIR), note)
     if url is None:
         return None, default_run
-    return url, resume_run_dir(url) or _read_text(join(url.rstrip("/").rsplit("/", 1)[0], OWNER_MARKER))
+    return url, resume_run_dir(url) or _read_text(join_url(url.rstrip("/").rsplit("/", 1)[0], OWNER_MARKER))
 
 
 def check_checkpoint_dir(checkpoint_dir: str, run_dir: str | None, resume_url: str | None) -> None:
     """Refuse a checkpoint directory that belongs to another run: its ``.owner`` names another run directory, or
     it holds checkpoints without an owner and this run does not resume from one of them. Writes nothing."""
     fs, path = fsspec.core.url_to_fs(checkpoint_dir)
-    if fs.exists(join(path, RUN_MARKER)) and (run_dir is None or _place(checkpoint_dir) != _place(run_dir)):
+    if fs.exists(join_url(path, RUN_MARKER)) and (run_dir is None or _place(checkpoint_dir) != _place(run_dir)):
         raise RunDirError(f"checkpoint.dir {checkpoint_dir} is the directory of another run; point checkpoint.dir at "
                           "an empty directory, or leave it unset (<run dir>/checkpoints)")
-    if run_dir is not None and _place(checkpoint_dir) == _place(join(run_dir, CHECKPOINT_SUBDIR)):
+    if run_dir is not None and _place(checkpoint_dir) == _place(join_url(run_dir, CHECKPOINT_SUBDIR)):
         return   # a run's own checkpoints/ is its own, also after the run directory was copied or moved
-    owner = _read_text(join(checkpoint_dir, OWNER_MARKER))
+    owner = _read_text(join_url(checkpoint_dir, OWNER_MARKER))
     if owner is not None:
         if run_dir is None or _place(owner) != _place(run_dir):
             raise RunDirError(f"checkpoint.dir {checkpoint_dir} belongs to run {owner}; point checkpoint.dir at an "
@@ -157,7 +155,7 @@ def claim_checkpoint_dir(checkpoint_dir: str, run_dir: str, resume_url: str | No
     """Check, then write the ``.owner`` marker naming ``run_dir`` (exclusively: of two runs racing for one directory,
     the second is refused)."""
     check_checkpoint_dir(checkpoint_dir, run_dir, resume_url)
-    if not create_exclusive(join(checkpoint_dir, OWNER_MARKER), run_dir):
+    if not create_exclusive(join_url(checkpoint_dir, OWNER_MARKER), run_dir):
         check_checkpoint_dir(checkpoint_dir, run_dir, resume_url)
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from common import jsonsafe
+from common.urls import join_url
 from engine.backends import Backend, DistEnv, build_backend, pick_device
 from engine.build import build_model
 from engine.checkpoint import Checkpointer, CheckpointError, all_finite, capture_rng, load_state, restore_rng
@@ -60,9 +61,6 @@ MASK_UPDATES_FILE = "mask_updates.csv"   # one row per change of the masks (and 
 MASK_UPDATE_COLUMNS = ("step", "epoch", "density", "regrown", "forward_flops")
 TOP5_MIN_CLASSES = 100   # evaluation adds top-5 accuracy for data sets with this many classes or more
 
-
-def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}"
 
 
 def _new_run_dir(cfg: RunConfig) -> str:
@@ -94,7 +92,7 @@ def _claim_dirs(cfg: RunConfig, run_dir: str | None, resume_url: str | None) -> 
             run_dir = _new_run_dir(cfg)
         else:
             adopt_run_dir(run_dir)
-        claim_checkpoint_dir(cfg.checkpoint.dir or _join(run_dir, "checkpoints"), run_dir, resume_url)
+        claim_checkpoint_dir(cfg.checkpoint.dir or join_url(run_dir, "checkpoints"), run_dir, resume_url)
     except (RunDirError, CheckpointError, OSError) as error:
         return None, str(error)
     return run_dir, None
@@ -104,7 +102,7 @@ def _keep_record(run_dir: str) -> None:
     """A finished run trained on (train.epochs extended): its summary.json and config.yaml move to
     history/<name>-e<epochs> first, so the finished run's record is never rewritten."""
     fs, root = fsspec.core.url_to_fs(run_dir)
-    summary = _join(root, "summary.json")
+    summary = join_url(root, "summary.json")
     if not fs.exists(summary):
         return
     try:
@@ -112,15 +110,15 @@ def _keep_record(run_dir: str) -> None:
             epochs = int(json.load(handle).get("epochs", 0))
     except (ValueError, TypeError, AttributeError):   # a damaged record is kept all the same
         epochs = 0
-    fs.makedirs(_join(root, "history"), exist_ok=True)
+    fs.makedirs(join_url(root, "history"), exist_ok=True)
     tag, n = f"e{epochs:04d}", 1
-    while fs.exists(_join(root, f"history/summary-{tag}.json")):    # never over an older record
+    while fs.exists(join_url(root, f"history/summary-{tag}.json")):    # never over an older record
         n += 1
         tag = f"e{epochs:04d}-{n}"
     for name in ("summary.json", "config.yaml"):
-        if fs.exists(_join(root, name)):
+        if fs.exists(join_url(root, name)):
             stem, ext = name.split(".")
-            fs.mv(_join(root, name), _join(root, f"history/{stem}-{tag}.{ext}"))
+            fs.mv(join_url(root, name), join_url(root, f"history/{stem}-{tag}.{ext}"))
 
 
 def prunable_set(stats: Sequence[LayerStat]) -> dict[str, Any]:
@@ -277,7 +275,7 @@ class Trainer:
         self.run_dir: str = claimed
         self.monitor = Monitor(self.run_dir, enabled=self.env.is_main, tensorboard=cfg.monitor.tensorboard,
                                progress=cfg.monitor.progress)
-        ckpt_dir = cfg.checkpoint.dir or _join(self.run_dir, "checkpoints")
+        ckpt_dir = cfg.checkpoint.dir or join_url(self.run_dir, "checkpoints")
         self.checkpointer = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best)
         if self.env.is_main:       # what a killed run's interrupted writes left behind
             for name in self.checkpointer.clean_temporary():
@@ -304,9 +302,9 @@ class Trainer:
         if self.env.is_main:
             if resume_url is not None:
                 _keep_record(self.run_dir)
-            write_yaml(to_dict(cfg), _join(self.run_dir, "config.yaml"))
+            write_yaml(to_dict(cfg), join_url(self.run_dir, "config.yaml"))
             for name, text in backend.run_files().items():    # e.g. the DeepSpeed config the run used
-                with fsspec.open(_join(self.run_dir, name), "w") as handle:
+                with fsspec.open(join_url(self.run_dir, name), "w") as handle:
                     handle.write(text)
 
     def _build_neuron_monitor(self, cfg: RunConfig, model: nn.Module, context: MethodContext) -> None:
@@ -939,7 +937,7 @@ class Trainer:
                                   "history": self.neuron_history}
         self._summary_records(summary, stats)
         if self.env.is_main:
-            with fsspec.open(_join(self.run_dir, "summary.json"), "w") as handle:
+            with fsspec.open(join_url(self.run_dir, "summary.json"), "w") as handle:
                 jsonsafe.dump(summary, handle, indent=2)     # a NaN metric is null: the file stays valid JSON
             self.monitor.print(format_run_summary(summary, self.run_dir, self.monitor.tensorboard_dir))
         return summary

@@ -23,7 +23,8 @@ from engine.checkpoint import CheckpointError, load_state, resolve_resume
 from engine.config import ConfigError, apply_overrides, build, to_dict
 from engine.data import check_data_available
 from engine.run_config import RunConfig, load_config
-from engine.run_dirs import RunDirError, check_checkpoint_dir, check_resume_config, join, resume_target
+from common.urls import join_url
+from engine.run_dirs import RunDirError, check_checkpoint_dir, check_resume_config, resume_target
 
 
 class BadInput(Exception):
@@ -149,7 +150,7 @@ def check_output(cfg: RunConfig) -> None:
         state = _load_checkpoint(url)
         check_resume_config(url, state["config"], to_dict(cfg))
         if run_dir is not None:
-            check_checkpoint_dir(cfg.checkpoint.dir or join(run_dir, "checkpoints"), run_dir, url)
+            check_checkpoint_dir(cfg.checkpoint.dir or join_url(run_dir, "checkpoints"), run_dir, url)
     except RunDirError as error:
         raise BadInput("resume" if cfg.resume else "run", str(error).removeprefix("resume: ")) from None
 
@@ -191,7 +192,7 @@ def finished_run(cfg: RunConfig) -> str | None:
     url, run_dir = _resume_target(cfg)
     if url is None or run_dir is None:
         return None
-    fs, path = fsspec.core.url_to_fs(join(run_dir, "summary.json"))
+    fs, path = fsspec.core.url_to_fs(join_url(run_dir, "summary.json"))
     if not fs.exists(path):
         return None
     return run_dir if int(_load_checkpoint(url)["epoch"]) >= cfg.train.epochs else None
@@ -225,7 +226,7 @@ def _write_traceback(error: BaseException, run_dir: str | None, cfg: RunConfig |
     rank = int(os.environ.get("RANK", "0"))
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     if run_dir:
-        url = join(run_dir, f"logs/rank{rank}.log")
+        url = join_url(run_dir, f"logs/rank{rank}.log")
         try:
             fs, path = fsspec.core.url_to_fs(url)
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)

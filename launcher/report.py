@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.urls import join_url
+
 HELP = "a table and plots across finished runs (CSV and PNG)"
 TABLE_COLUMNS = ("run", "method", "model", "data", "density", "best_acc", "final_acc", "top5", "epochs", "steps",
                  "wall_time_s", "inference_flops", "training_flops", "run_dir")
@@ -67,9 +69,6 @@ class Run:
 # ------------------------------------------------------------------------------------------------ finding runs
 
 
-def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}"
-
 
 def _url(fs: Any, path: str) -> str:
     """A path fsspec returned, as a URL of its file system (a plain path for local files)."""
@@ -88,11 +87,11 @@ def find_runs(arguments: Sequence[str]) -> list[str]:
         runs = []
         for candidate in candidates:
             cfs, cpath = url_to_fs(candidate)
-            if cfs.exists(_join(cpath, "summary.json")):
+            if cfs.exists(join_url(cpath, "summary.json")):
                 runs.append(candidate.rstrip("/"))
             elif cfs.isdir(cpath):
-                inside = [_url(cfs, p.rsplit("/", 1)[0]) for p in sorted(cfs.glob(_join(cpath, "*/summary.json")))]
-                unfinished = [_url(cfs, p.rsplit("/", 1)[0]) for p in sorted(cfs.glob(_join(cpath, "*/config.yaml")))]
+                inside = [_url(cfs, p.rsplit("/", 1)[0]) for p in sorted(cfs.glob(join_url(cpath, "*/summary.json")))]
+                unfinished = [_url(cfs, p.rsplit("/", 1)[0]) for p in sorted(cfs.glob(join_url(cpath, "*/config.yaml")))]
                 unfinished = [run for run in unfinished if run not in inside]
                 if unfinished:      # started runs without a summary: still running, stopped, diverged or preempted
                     print(f"note: left out {len(unfinished)} run(s) without summary.json (running, stopped or "
@@ -120,7 +119,7 @@ def load_run(url: str) -> Run:
     """Read one run's summary.json (required and checked) and its CSV tables (optional)."""
     import fsspec
 
-    summary_url = _join(url, "summary.json")
+    summary_url = join_url(url, "summary.json")
     try:
         with fsspec.open(summary_url, "r") as handle:
             summary = json.load(handle)
@@ -137,8 +136,8 @@ def load_run(url: str) -> Run:
     if missing or not isinstance(summary.get("layers", {}), dict):
         raise ReportError(f"{summary_url} lacks the field(s) {', '.join(missing) or 'layers'}; pass the run "
                           "directory of a finished run, or train it again")
-    return Run(url=url, summary=summary, metrics=_read_csv(_join(url, "metrics.csv")),
-               mask_updates=_read_csv(_join(url, "mask_updates.csv")))
+    return Run(url=url, summary=summary, metrics=_read_csv(join_url(url, "metrics.csv")),
+               mask_updates=_read_csv(join_url(url, "mask_updates.csv")))
 
 
 def _name_runs(runs: list[Run]) -> None:
@@ -173,10 +172,10 @@ def default_out(runs: Sequence[Run]) -> str:
         base = "/".join(common) or "."
     fs, path = url_to_fs(base)
     candidate, n = "report", 1
-    while fs.exists(_join(path, candidate)):
+    while fs.exists(join_url(path, candidate)):
         n += 1
         candidate = f"report-{n}"
-    return _join(base, candidate)
+    return join_url(base, candidate)
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -361,18 +360,18 @@ def write_report(runs: Sequence[Run], out: str) -> list[str]:
 
     fs, path = url_to_fs(out)
     fs.makedirs(path, exist_ok=True)
-    written = [_join(out, "runs.csv")]
+    written = [join_url(out, "runs.csv")]
     with fsspec.open(written[0], "w") as handle:
         handle.write(table_csv(runs))
     if len(runs) > 1:
-        written.append(plot_accuracy_vs_density(runs, _join(out, "accuracy_vs_density.png")))
+        written.append(plot_accuracy_vs_density(runs, join_url(out, "accuracy_vs_density.png")))
     for run in runs:
         if run.summary.get("layers"):
-            written.append(plot_layers(run, _join(out, f"layers_{_safe(run.name)}.png")))
+            written.append(plot_layers(run, join_url(out, f"layers_{_safe(run.name)}.png")))
         if _changes_density(run):
-            written.append(plot_density_over_steps(run, _join(out, f"density_{_safe(run.name)}.png")))
+            written.append(plot_density_over_steps(run, join_url(out, f"density_{_safe(run.name)}.png")))
         if _regrows(run):
-            written.append(plot_regrown(run, _join(out, f"regrown_{_safe(run.name)}.png")))
+            written.append(plot_regrown(run, join_url(out, f"regrown_{_safe(run.name)}.png")))
     return written
 
 
@@ -442,9 +441,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         if len(runs) == 1:
             run = runs[0]
             try:
-                print(format_run_summary(run.summary, run.url, _join(run.url, "tensorboard")))
+                print(format_run_summary(run.summary, run.url, join_url(run.url, "tensorboard")))
             except (KeyError, TypeError, ValueError) as error:
-                raise ReportError(f"{_join(run.url, 'summary.json')} lacks or garbles the field {error}; pass the "
+                raise ReportError(f"{join_url(run.url, 'summary.json')} lacks or garbles the field {error}; pass the "
                                   "run directory of a finished run, or train it again") from None
             print()
     except ReportError as error:

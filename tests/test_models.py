@@ -1,6 +1,5 @@
 """Registry-wide contract tests for models/, exact parameter counts, and the configuration error table."""
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,13 +18,7 @@ SMALL_INPUT: dict[str, tuple[int, int]] = {
 NUM_CLASSES = 10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core box run far faster single-threaded than with contended intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

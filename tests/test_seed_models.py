@@ -8,7 +8,7 @@ Our model's weights are copied into the seed's by position (the order in which a
 linear and norm layer) and both forwards must agree; parameter counts are compared with counts done by hand.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,12 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------------------------
