@@ -164,16 +164,23 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     result = yaml.safe_load(yaml.safe_dump(data)) or {}
     for item in overrides:
         parts, value = parse_override(item)
-        node = result
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': {'.'.join(parts[:i + 1])} is a value, not a section")
-            node = child
-        node[parts[-1]] = value
+        set_dotted(result, parts, value, label=f"override '{item}'")
     return result
+
+
+def set_dotted(data: dict[str, Any], key: str | Sequence[str], value: Any, label: str | None = None) -> None:
+    """Put ``value`` at dotted ``key`` (or its parts) of nested plain data, creating sections as needed; a value
+    in the way of a section is a ConfigError starting with ``label`` (default: the key)."""
+    parts = key.split(".") if isinstance(key, str) else list(key)
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{label or '.'.join(parts)}: {'.'.join(parts[:i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def read_yaml(path: str) -> dict[str, Any]:

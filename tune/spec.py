@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from common import did_you_mean
-from engine.config import ConfigError, apply_overrides, build, read_yaml, to_dict
+from engine.config import ConfigError, apply_overrides, build, read_yaml, set_dotted, to_dict
 from engine.data import check_data_available
 from engine.run_config import RunConfig
 
@@ -253,19 +253,6 @@ def get_dotted(data: Mapping[str, Any], key: str) -> Any:
     return node
 
 
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """Put ``value`` at dotted ``key`` of nested plain data (sections created as needed)."""
-    parts = key.split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"{key}: {'.'.join(parts[:i + 1])} is a value, not a section")
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
-
 
 @dataclass
 class SweepPlan:
@@ -286,7 +273,7 @@ class SweepPlan:
         """The plain run config of one trial: base, then the fixed settings, then the trial's drawn values."""
         data = copy.deepcopy(self.base)
         for key, value in {**self.fixed, **values}.items():
-            set_dotted(data, key, value)
+            set_dotted(data, key, copy.deepcopy(value))
         return data
 
     def trial_config(self, values: Mapping[str, Any], name: str = "trial", resume: str | None = None) -> RunConfig:
