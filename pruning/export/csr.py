@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pruning.export import native
+
 Choice = Literal["auto", "sparse", "dense"]
 
 
@@ -48,18 +50,41 @@ def _csr_from(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape
 
 
 class _CsrBase(nn.Module):
-    """The CSR weight (a non-persistent buffer: saved as its three components) and the dense bias."""
+    """The CSR weight (a non-persistent buffer: saved as its three components), the dense bias, and the kernel that
+    multiplies: torch's, or the hand-written one (``native``: its (V, U), see ``csr_kernel.c``), which runs where it
+    is built and the operand is a float32 CPU tensor, torch's kernel otherwise."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 native_variant: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.native = None if native_variant is None else tuple(native_variant)
+        if self.native is not None and self.native not in native.VARIANTS:
+            raise ValueError(f"no native CSR variant {list(self.native)}; there are "
+                             f"{[list(v) for v in native.VARIANTS]}")
+        self._variant = None if self.native is None else native.VARIANTS.index(self.native)
 
-    def _product(self, rows: torch.Tensor) -> torch.Tensor:
-        """W_csr @ rows (+ bias per output row): (out, n)."""
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """W_csr @ x^T (+ bias per output row): (out, n) for the layer's input rows ``x`` (n, in). The native kernel
+        reads ``x`` with any strides; torch's kernel gets x^T contiguous (a transposed view costs no copy)."""
+        if self._variant is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            prepared = self._native_weight()
+            if prepared is not None:
+                return prepared.product_t(x, self._variant)
+        rows = x.t().contiguous()
         if self.bias is None:
             return torch.sparse.mm(self.weight, rows)
         return torch.addmm(self.bias.unsqueeze(1), self.weight, rows)
+
+    def _native_weight(self) -> native.NativeWeight | None:
+        """The weight set up for the native kernel (redone when ``.to()`` replaced it); None where it does not fit."""
+        cached = self.__dict__.get("_prepared")
+        if cached is None or cached[0] is not self.weight or cached[1] is not self.bias:
+            fits = native.NativeWeight.fits(self.weight, self.bias)
+            cached = (self.weight, self.bias, native.NativeWeight(self.weight, self.bias) if fits else None)
+            self.__dict__["_prepared"] = cached
+        return cached[2]
 
     def components(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors that store the weight: ``<prefix>.crow_indices``, ``.col_indices``, ``.values``."""
@@ -70,13 +95,20 @@ class _CsrBase(nn.Module):
     def nnz(self) -> int:
         return int(self.weight.values().numel())
 
+    def form(self) -> str:
+        """How the product runs: ``torch``, ``torch tile N`` or ``native VxU``."""
+        if self.native is not None:
+            return f"native {self.native[0]}x{self.native[1]}"
+        return f"torch tile {self.tile}" if getattr(self, "tile", None) else "torch"
+
 
 class CsrLinear(_CsrBase):
-    """``nn.Linear`` with a CSR weight; inference only (no parameters). ``tile``: input rows per product (None: all
-    at once; see the module)."""
+    """``nn.Linear`` with a CSR weight; inference only (no parameters). ``tile``: input rows per product of torch's
+    kernel (None: all at once; see the module); ``native``: see :class:`_CsrBase`."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tile: int | None = None) -> None:
-        super().__init__(weight, bias)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tile: int | None = None,
+                 native_variant: tuple[int, int] | None = None) -> None:
+        super().__init__(weight, bias, native_variant)
         if tile is not None and tile < 1:
             raise ValueError(f"a CSR tile must be at least 1 row, got {tile}")
         self.tile = tile
@@ -86,28 +118,34 @@ class CsrLinear(_CsrBase):
         return cls(_to_csr(layer.weight), layer.bias, tile)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and (self.tile is None or x.shape[0] <= self.tile):
-            return self._product(x.t().contiguous()).t()     # no reshapes: per-call overhead shows at LeNet's size
+        if x.dim() == 2 and (self.native is not None or self.tile is None or x.shape[0] <= self.tile):
+            return self._product(x).t()     # no reshapes: per-call overhead shows at LeNet's size
         rows = x.reshape(-1, x.shape[-1])
         shape = (*x.shape[:-1], self.weight.shape[0])
-        if self.tile is None or rows.shape[0] <= self.tile:
-            return self._product(rows.t().contiguous()).t().reshape(shape)
+        if self.native is not None or self.tile is None or rows.shape[0] <= self.tile:
+            return self._product(rows).t().reshape(shape)
         out = rows.new_empty(rows.shape[0], self.weight.shape[0])
         for start in range(0, rows.shape[0], self.tile):
             stop = start + self.tile
-            out[start:stop] = self._product(rows[start:stop].t().contiguous()).t()
+            out[start:stop] = self._product(rows[start:stop]).t()
         return out.reshape(shape)
 
+    def with_native(self, variant: tuple[int, int]) -> CsrLinear:
+        """This layer (same weight) run by the native kernel's ``variant``."""
+        return CsrLinear(self.weight, self.bias, None, variant)
+
     def spec(self) -> dict[str, Any]:
-        return {"kind": "linear", "shape": list(self.weight.shape), "tile": self.tile}
+        return {"kind": "linear", "shape": list(self.weight.shape), "tile": self.tile,
+                "native": None if self.native is None else list(self.native)}
 
 
 class CsrConv2d(_CsrBase):
     """``nn.Conv2d`` (groups 1, zero padding) as a CSR weight times the unfolded input; inference only."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: tuple[int, int],
-                 stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> None:
-        super().__init__(weight, bias)
+                 stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                 native_variant: tuple[int, int] | None = None) -> None:
+        super().__init__(weight, bias, native_variant)
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
 
@@ -129,18 +167,23 @@ class CsrConv2d(_CsrBase):
                                                self.stride))
         patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)   # (B, C*kh*kw, L)
         rows = patches.transpose(0, 1).reshape(patches.shape[1], -1)                       # (C*kh*kw, B*L)
-        out = self._product(rows).view(-1, batch, out_h * out_w).transpose(0, 1)
+        out = self._product(rows.t()).view(-1, batch, out_h * out_w).transpose(0, 1)
         return out.reshape(batch, -1, out_h, out_w)
+
+    def with_native(self, variant: tuple[int, int]) -> CsrConv2d:
+        """This layer (same weight) run by the native kernel's ``variant``."""
+        return CsrConv2d(self.weight, self.bias, self.kernel_size, self.stride, self.padding, self.dilation, variant)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "conv2d", "shape": list(self.weight.shape), "kernel_size": list(self.kernel_size),
-                "stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation)}
+                "stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation),
+                "native": None if self.native is None else list(self.native)}
 
 
 @dataclass
 class LayerChoice:
     """One candidate layer's verdict: its density, dense and (best) sparse median microseconds, the form kept, and
-    the tile of that sparse form (None: untiled)."""
+    how that sparse form multiplies (``CsrLinear.form``: torch's kernel, in tiles, or the native kernel)."""
 
     name: str
     kind: str
@@ -148,13 +191,13 @@ class LayerChoice:
     dense_us: float | None
     sparse_us: float | None
     kept: str
-    tile: int | None = None
+    form: str = ""
 
     def line(self) -> str:
         timing = ("not timed" if self.dense_us is None or self.sparse_us is None else
                   f"dense {self.dense_us:9.1f} us  csr {self.sparse_us:9.1f} us  "
                   f"({self.dense_us / self.sparse_us:5.2f}x)")
-        kept = f"{self.kept} tile {self.tile}" if self.kept == "csr" and self.tile else self.kept
+        kept = f"{self.kept} ({self.form})" if self.kept == "csr" and self.form else self.kept
         return f"{self.name:<32} {self.kind:<7} density {self.density:6.4f}  {timing}  -> {kept}"
 
 
@@ -170,6 +213,26 @@ def _median_us(module: nn.Module, x: torch.Tensor, min_run_time: float) -> float
     clock = {"timer": time.thread_time} if x.device.type == "cpu" and threads == 1 else {}
     timer = benchmark.Timer(stmt="module(x)", globals={"module": module, "x": x}, num_threads=threads, **clock)
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
+
+
+def _variants(sparse: _CsrBase, x: torch.Tensor) -> list[_CsrBase]:
+    """The forms of one CSR layer worth timing on input ``x``: torch's kernel, then every variant of the native
+    kernel where it is built and takes ``x`` (it tiles the batch itself), else torch's kernel on row tiles of a
+    linear's input (each of :data:`TILES` smaller than its rows)."""
+    forms: list[_CsrBase] = [sparse]
+    if x.dtype == torch.float32 and x.device.type == "cpu" and sparse._native_weight() is not None:
+        forms += [sparse.with_native(variant) for variant in native.VARIANTS]
+    elif isinstance(sparse, CsrLinear):
+        rows = x.numel() // x.shape[-1]
+        forms += [CsrLinear(sparse.weight, sparse.bias, tile) for tile in TILES if tile < rows]
+    return forms
+
+
+def _fastest(sparse: _CsrBase, x: torch.Tensor, min_run_time: float) -> tuple[_CsrBase, float]:
+    """The fastest form of ``sparse`` on ``x`` (:func:`_variants`) and its median microseconds."""
+    timed = [(_median_us(form, x, min_run_time), index, form) for index, form in enumerate(_variants(sparse, x))]
+    us, _, form = min(timed)
+    return form, us
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
@@ -206,22 +269,17 @@ def sparsify(model: nn.Module, example: torch.Tensor, choice: Choice = "auto",
         density = sparse.nnz() / layer.weight.numel()
         dense_us = sparse_us = None
         keep_sparse = choice == "sparse"
+        if keep_sparse and example.device.type == "cpu" and sparse._native_weight() is not None:
+            sparse = sparse.with_native(native.DEFAULT)      # untimed: the native kernel's all-round variant
         if choice == "auto" and name in reached:
             x = _inputs(model, example, {name: layer})[name]
             dense_us = _median_us(layer, x, min_run_time)
-            sparse_us = _median_us(sparse, x, min_run_time)
-            if isinstance(sparse, CsrLinear):
-                rows = x.numel() // x.shape[-1]
-                for tile in (t for t in TILES if t < rows):
-                    tiled = CsrLinear(sparse.weight, sparse.bias, tile)
-                    tiled_us = _median_us(tiled, x, min_run_time)
-                    if tiled_us < sparse_us:
-                        sparse, sparse_us = tiled, tiled_us
+            sparse, sparse_us = _fastest(sparse, x, min_run_time)
             keep_sparse = sparse_us < dense_us
         if keep_sparse:
             _set(model, name, sparse)
         verdicts[name] = LayerChoice(name, sparse.spec()["kind"], density, dense_us, sparse_us,
-                                     "csr" if keep_sparse else "dense", getattr(sparse, "tile", None))
+                                     "csr" if keep_sparse else "dense", sparse.form())
     return [verdicts[name] for name in candidates]
 
 
@@ -269,10 +327,15 @@ def load_csr(model: nn.Module, tensors: dict[str, torch.Tensor], layers: dict[st
         parts = [rest.pop(f"{name}.{key}") for key in ("crow_indices", "col_indices", "values")]
         weight = _csr_from(*parts, spec["shape"])
         bias = tensors.get(f"{name}.bias")
+        variant = spec.get("native")
         if spec["kind"] == "linear":
-            module: nn.Module = CsrLinear(weight, bias, spec.get("tile"))
+            module: nn.Module = CsrLinear(weight, bias, spec.get("tile"), variant)
         else:
-            module = CsrConv2d(weight, bias, spec["kernel_size"], spec["stride"], spec["padding"], spec["dilation"])
+            module = CsrConv2d(weight, bias, spec["kernel_size"], spec["stride"], spec["padding"], spec["dilation"],
+                               variant)
         _set(model, name, module)
+    if any(spec.get("native") for spec in layers.values()) and native.kernel() is None:
+        warnings.warn(f"the native CSR kernel is unavailable here ({native.unavailable_reason()}): the layers "
+                      f"exported for it run on torch's sparse kernel", stacklevel=2)
     model.load_state_dict(rest, strict=True)
     return model.eval()

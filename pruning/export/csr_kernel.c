@@ -1,0 +1,157 @@
+/* y^T = W x^T + b for a CSR weight W (rows x cols, float32 values, int32 indices) and a dense x (n x cols, any
+ * strides): the product of a sparse linear layer on the CPU, written for the shapes of inference.
+ *
+ * Why by hand: torch's CSR x dense product on the CPU (MKL) streams the whole (cols x n) operand once per row of W;
+ * at a serving batch that operand outgrows the cache and the product runs at a tenth of the dense GEMM's multiply
+ * rate (see docs/performance.md). Here the batch is cut into tiles of BT = 8 * V columns: a tile's slice of x^T
+ * (cols x BT floats) stays in cache while every row of W runs over it, and each row keeps its BT sums in V vector
+ * registers, U independent sets of them (one per U consecutive non-zeros) so the multiply-adds do not wait on one
+ * another. V and U are chosen per layer at export by timing (csr.py). A tile of a row-major x is transposed into a
+ * buffer first; a transposed x (the output of a previous such layer) is read in place.
+ *
+ * GCC / Clang vector extensions only: the compiler maps an 8-float vector onto AVX, two SSE or two NEON registers.
+ * Threads (OpenMP) split the tiles; with one tile (batch up to BT) the product runs on one thread.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));   /* unaligned loads and stores */
+
+#define ROW_TILE(V, U)                                                                                            \
+    static void row_tile_##V##_##U(const int32_t *col, const float *val, int64_t begin, int64_t end,             \
+                                   const float *t, int64_t t_stride, float bias, float *z) {                    \
+        v8 acc[U][V];                                                                                             \
+        for (int u = 0; u < U; ++u)                                                                               \
+            for (int v = 0; v < V; ++v) acc[u][v] = (v8){0, 0, 0, 0, 0, 0, 0, 0};                                 \
+        int64_t jj = begin;                                                                                       \
+        for (; jj + U <= end; jj += U)                                                                            \
+            for (int u = 0; u < U; ++u) {                                                                         \
+                const float a = val[jj + u];                                                                      \
+                const float *x = t + (int64_t)col[jj + u] * t_stride;                                             \
+                for (int v = 0; v < V; ++v) acc[u][v] += a * *(const v8u *)(x + 8 * v);                           \
+            }                                                                                                     \
+        for (; jj < end; ++jj) {                                                                                  \
+            const float a = val[jj];                                                                              \
+            const float *x = t + (int64_t)col[jj] * t_stride;                                                     \
+            for (int v = 0; v < V; ++v) acc[0][v] += a * *(const v8u *)(x + 8 * v);                               \
+        }                                                                                                         \
+        for (int v = 0; v < V; ++v) {                                                                             \
+            v8 s = acc[0][v] + bias;                                                                              \
+            for (int u = 1; u < U; ++u) s += acc[u][v];                                                           \
+            *(v8u *)(z + 8 * v) = s;                                                                              \
+        }                                                                                                         \
+    }
+
+ROW_TILE(1, 4)
+ROW_TILE(2, 2)
+ROW_TILE(2, 4)
+ROW_TILE(4, 2)
+
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define HAVE_SHUFFLE 1
+/* buffer[(c0 + j) * bt + k0 + i] = x[(k0 + i) * xs_row + c0 + j] for i, j < 8: an 8 x 8 block transposed in registers
+ * (three rounds of two-vector shuffles) instead of 64 scalar moves. */
+static inline void transpose_8x8(const float *x, int64_t xs_row, float *out, int64_t out_stride) {
+    v8 r[8], t[8], u[8];
+    for (int i = 0; i < 8; ++i) r[i] = *(const v8u *)(x + i * xs_row);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int h = 0; h < 2; ++h) {
+            u[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[i + 2 * h + 1] = __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    /* u[0..3]: rows 0-3 of columns (0,4), (1,5), (2,6), (3,7); u[4..7]: the same for rows 4-7 */
+    for (int j = 0; j < 4; ++j) {
+        *(v8u *)(out + j * out_stride) = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        *(v8u *)(out + (j + 4) * out_stride) = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+#else
+#define HAVE_SHUFFLE 0
+#endif
+
+/* buffer (cols x bt) = the tile's rows start .. start + width of x, transposed, zero past width. */
+static void fill_tile(const float *x, int64_t xs_row, int64_t xs_col, int64_t cols, int64_t start, int64_t width,
+                      int64_t bt, float *buffer) {
+    const float *xs = x + start * xs_row;
+    int64_t c0 = 0;
+    if (xs_row == 1 && width == bt) {      /* x^T contiguous along the batch (a previous layer's output): copy */
+        for (int64_t c = 0; c < cols; ++c) memcpy(buffer + c * bt, xs + c * xs_col, sizeof(float) * (size_t)bt);
+        return;
+    }
+#if HAVE_SHUFFLE
+    if (xs_col == 1 && width == bt)
+        for (; c0 + 8 <= cols; c0 += 8)
+            for (int64_t k0 = 0; k0 < bt; k0 += 8)
+                transpose_8x8(xs + k0 * xs_row + c0, xs_row, buffer + c0 * bt + k0, bt);
+#endif
+    for (int64_t c = c0; c < cols; ++c) {
+        float *b = buffer + c * bt;
+        const float *xc = xs + c * xs_col;
+        int64_t k = 0;
+        for (; k < width; ++k) b[k] = xc[k * xs_row];
+        for (; k < bt; ++k) b[k] = 0.0f;
+    }
+}
+
+typedef void (*row_fn)(const int32_t *, const float *, int64_t, int64_t, const float *, int64_t, float, float *);
+
+/* The variants, by number: 0 = (V 1, U 4), 1 = (2, 2), 2 = (2, 4), 3 = (4, 2). */
+static const row_fn ROW_FNS[] = {row_tile_1_4, row_tile_2_2, row_tile_2_4, row_tile_4_2};
+static const int ROW_V[] = {1, 2, 2, 4};
+
+int sparsetrain_csr_variants(void) { return (int)(sizeof(ROW_V) / sizeof(ROW_V[0])); }
+
+/* A CSR weight (rows x cols) and its bias (NULL: none), set up once per layer by the caller. */
+typedef struct {
+    int64_t rows, cols;
+    const int32_t *crow, *col;
+    const float *val, *bias;
+} sparsetrain_csr;
+
+/* yt (rows x n, contiguous) = W x^T + bias, x(i, c) = x[i * xs_row + c * xs_col]. Returns 0, or -1 when a tile
+ * buffer could not be allocated or the variant does not exist (yt is then incomplete). */
+int sparsetrain_csr_linear_t(const sparsetrain_csr *w, int64_t n, const float *x, int64_t xs_row, int64_t xs_col,
+                             float *yt, int variant, int threads) {
+    if (variant < 0 || variant >= sparsetrain_csr_variants()) return -1;
+    const int64_t rows = w->rows, cols = w->cols;
+    const int32_t *crow = w->crow, *col = w->col;
+    const float *val = w->val, *bias = w->bias;
+    const row_fn row = ROW_FNS[variant];
+    const int64_t bt = 8 * (int64_t)ROW_V[variant];
+    const int64_t tiles = (n + bt - 1) / bt;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1 && tiles > 1)
+    {
+        float *buffer = (float *)malloc(sizeof(float) * (size_t)(cols * bt + bt));
+        float *z = buffer ? buffer + cols * bt : NULL;
+        if (!buffer) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < tiles; ++tile) {
+            if (!buffer) continue;
+            const int64_t start = tile * bt, width = n - start < bt ? n - start : bt;
+            const float *t = buffer;
+            const int64_t t_stride = bt;
+            fill_tile(x, xs_row, xs_col, cols, start, width, bt, buffer);
+            for (int64_t r = 0; r < rows; ++r) {
+                float *out = yt + r * n + start;
+                if (width == bt) {
+                    row(col, val, crow[r], crow[r + 1], t, t_stride, bias ? bias[r] : 0.0f, out);
+                } else {
+                    row(col, val, crow[r], crow[r + 1], t, t_stride, bias ? bias[r] : 0.0f, z);
+                    memcpy(out, z, sizeof(float) * (size_t)width);
+                }
+            }
+        }
+        free(buffer);
+    }
+    return failed ? -1 : 0;
+}
