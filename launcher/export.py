@@ -29,7 +29,7 @@ from engine.config import ConfigError
 from engine.data import data_shape
 from launcher.common import fail, load_run, run_dir_of
 from pruning.export import (FORMATS, compact, csr_tensors, export_semi, hashed_tensors, load_csr, load_hashed,
-                            load_semi, plain_model, read_export, require_cuda, shrink, sparsify, tensor_bytes,
+                            load_semi, native, plain_model, read_export, require_cuda, shrink, sparsify, tensor_bytes,
                             write_export)
 from pruning.export.semi import DTYPES, CastInput
 from pruning.methods import MethodContext, method_class
@@ -90,6 +90,8 @@ def export_model(model: nn.Module, manifest: dict[str, Any], fmt: str, device: t
         removed = {group.root: group.channels_removed for group in groups if group.removed}
         return plain, dict(plain.state_dict()), {**manifest, "removed": removed, "biased": biased}
     verdicts = sparsify(plain, example_input(manifest, timing_batch, device), choice)
+    if torch.device(device).type == "cpu" and native.kernel() is None:
+        report(f"the project's CSR kernel is not built here ({native.unavailable_reason()}): torch's kernels only")
     for verdict in verdicts:
         report(verdict.line())
     tensors, layers = csr_tensors(plain)

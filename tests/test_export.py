@@ -92,6 +92,20 @@ def test_csr_matches_the_masked_model_and_reloads(runs: dict[str, Path], tmp_pat
     assert manifest["bytes"]["exported"] == nnz * 8 + (rows + 3) * 4 + bias    # int32 indices, fp32 values
 
 
+def test_csr_export_says_when_the_project_kernel_is_missing(runs: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from pruning.export import native
+
+    monkeypatch.setitem(native._state, "lib", None)
+    monkeypatch.setitem(native._state, "reason", "no C compiler (cc, gcc or clang, or $CC) on this machine")
+    lines: list[str] = []
+    result = export(str(runs["magnitude"]), "csr", str(tmp_path / "csr"), choice="sparse", report=lines.append)
+    assert lines[0] == ("the project's CSR kernel is not built here (no C compiler (cc, gcc or clang, or $CC) on this "
+                        "machine): torch's kernels only")
+    assert all(line.endswith("-> csr (torch)") for line in lines[1:])
+    assert all(spec["native"] is None for spec in result["manifest"]["layers"].values())
+
+
 def test_auto_choice_times_every_candidate_and_keeps_the_faster(runs: dict[str, Path], tmp_path: Path) -> None:
     masked, manifest = masked_model(str(runs["magnitude"]), [])
     model = masked

@@ -72,15 +72,60 @@ def test_no_bias_three_dimensional_input_and_an_empty_batch() -> None:
         assert sparse(torch.randn(0, 20)).shape == (0, 9)
 
 
-@pytest.mark.parametrize("variant", native.VARIANTS)
-def test_conv_through_the_native_kernel(variant: tuple[int, int]) -> None:
+CONVS = [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=2, dilation=2, bias=False),
+         dict(kernel_size=(1, 3), padding=(0, 1)), dict(kernel_size=1, stride=2), dict(kernel_size=5, padding=0),
+         dict(kernel_size=(3, 2), stride=(2, 3), padding=(1, 2))]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("options", CONVS)
+@pytest.mark.parametrize("variant", [*native.VARIANTS, "direct"])
+def test_conv_through_the_native_kernel(variant: tuple[int, int] | str, options: dict, threads: int) -> None:
     torch.manual_seed(0)
-    conv = nn.Conv2d(3, 5, 3, padding=1)
+    conv = nn.Conv2d(3, 5, **options)
     with torch.no_grad():
-        conv.weight.mul_((torch.rand_like(conv.weight) < 0.2).float())
+        conv.weight.mul_((torch.rand_like(conv.weight) < 0.3).float())
+        conv.weight[2].zero_()                                    # an output channel with no weight at all
     x = torch.randn(2, 3, 9, 7)
+    sparse = CsrConv2d.from_conv(conv).with_native(variant)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x), conv(x), atol=1e-5, rtol=0)
+            torch.testing.assert_close(sparse(x.transpose(2, 3).contiguous().transpose(2, 3)), conv(x), atol=1e-5,
+                                       rtol=0)                    # a non-contiguous input
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_direct_conv_reloads() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
     with torch.no_grad():
-        torch.testing.assert_close(CsrConv2d.from_conv(conv).with_native(variant)(x), conv(x), atol=1e-5, rtol=0)
+        conv.weight.mul_((torch.rand_like(conv.weight) < 0.3).float())
+    model = nn.Sequential(CsrConv2d.from_conv(conv).with_native("direct"))
+    tensors, layers = csr_tensors(model)
+    assert layers["0"]["native"] == "direct"
+    loaded = load_csr(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)), tensors, layers)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert loaded[0].form() == "native direct" and torch.equal(loaded(x), model(x))
+
+
+def test_direct_conv_by_hand() -> None:
+    conv = nn.Conv2d(1, 2, 3, padding=1, bias=True)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 0, 0] = 2.0          # output 0: 2 * the pixel up-left, 0 past the border, + 1
+        conv.weight[1, 0, 1, 2] = -1.0         # output 1: minus the pixel to the right
+        conv.bias.copy_(torch.tensor([1.0, 0.0]))
+    x = torch.arange(1.0, 7.0).view(1, 1, 2, 3)                  # [[1, 2, 3], [4, 5, 6]]
+    out = CsrConv2d.from_conv(conv).with_native("direct")(x)
+    assert out[0, 0].tolist() == [[1.0, 1.0, 1.0], [1.0, 3.0, 5.0]]
+    assert out[0, 1].tolist() == [[-2.0, -3.0, 0.0], [-5.0, -6.0, 0.0]]
+    with pytest.raises(ValueError, match="no native CSR variant 'direct' for CsrLinear"):
+        CsrLinear(out.new_zeros(2, 2).to_sparse_csr(), None, None, "direct")
 
 
 def test_other_dtypes_and_devices_fall_back_to_torch() -> None:
@@ -122,6 +167,9 @@ def test_auto_choice_offers_the_native_variants_and_sparse_uses_the_default() ->
 
     forms = [form.form() for form in _variants(CsrLinear.from_linear(_sparse_linear(8, 12, 0.3)), torch.randn(600, 12))]
     assert forms == ["torch"] + [f"native {v}x{u}" for v, u in native.VARIANTS]
+    conv = CsrConv2d.from_conv(nn.Conv2d(2, 3, 3))
+    forms = [form.form() for form in _variants(conv, torch.randn(2, 2, 5, 5))]
+    assert forms == ["torch"] + [f"native {v}x{u}" for v, u in native.VARIANTS] + ["native direct"]
 
 
 def test_the_build_is_cached_per_machine(tmp_path, monkeypatch) -> None:

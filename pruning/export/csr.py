@@ -1,16 +1,18 @@
-"""Compressed-sparse-row layers run by torch's sparse kernels, chosen per layer by timing on the target device.
+"""Compressed-sparse-row layers, chosen per layer by timing on the target device.
 
-A linear layer ``y = x W^T + b`` becomes ``y^T = addmm(b, W_csr, x^T)``: torch multiplies a CSR matrix by a dense one
-in time proportional to the non-zeros (MKL on the CPU, cuSPARSE on CUDA). A convolution becomes the same product on
-its unfolded input (im2col): ``W_csr`` (out, in * kh * kw) times the (in * kh * kw, batch * positions) patches. The
-unfold copies the input kh * kw times, so it only pays where the weights are sparse enough; whether it does is
-measured, never assumed: at export every candidate layer is timed dense and sparse (``torch.utils.benchmark``) on its
-own input from an example batch, and stays dense unless sparse is faster.
+A linear layer ``y = x W^T + b`` becomes ``y^T = W_csr x^T + b``, in time proportional to the non-zeros. Two kernels
+multiply: the project's own (``csr_kernel.c`` through :mod:`pruning.export.native`: CPU, float32; see that file for
+why it exists) and torch's (``torch.addmm`` on the CSR tensor: MKL on the CPU, cuSPARSE on CUDA). A convolution becomes
+the same product on its unfolded input (im2col): ``W_csr`` (out, in * kh * kw) times the (in * kh * kw, batch *
+positions) patches; the unfold copies the input kh * kw times, so that form rarely pays. The project's kernel also
+has a direct sparse convolution (each kept weight adds a shifted input plane to an output plane; no unfold). Which
+form pays is measured, never assumed: at export every candidate layer is timed dense and in each sparse form
+(``torch.utils.benchmark``) on its own input from an example batch, and stays dense unless sparse is faster.
 
-A linear layer may also run *tiled*: the rows of its input in tiles of ``tile`` (128, 256, 512), each transposed and
-multiplied alone. The CSR product streams the whole (in, rows) operand once per non-zero row of W; when that operand
-outgrows the cache (a ViT's 2,080 tokens x 1,536 inputs is 12.8 MB) every pass goes to memory, while a tile's slice
-stays in cache. Whether tiling pays, and at which size, is timed at export like the choice of form.
+Torch's kernel may also run a linear *tiled*: the rows of its input in tiles of ``tile`` (128, 256, 512), each
+transposed and multiplied alone. It streams the whole (in, rows) operand once per non-zero row of W; when that
+operand outgrows the cache (a ViT's 2,080 tokens x 1,536 inputs is 12.8 MB) every pass goes to memory, while a
+tile's slice stays in cache. (The project's kernel tiles the batch itself.)
 
 Indices are int32 where they fit, so a kept weight costs 8 bytes (value and column) instead of 4 bytes for every
 weight, pruned or not: the weights shrink once density is under one half.
@@ -55,15 +57,18 @@ class _CsrBase(nn.Module):
     is built and the operand is a float32 CPU tensor, torch's kernel otherwise."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 native_variant: tuple[int, int] | None = None) -> None:
+                 native_variant: tuple[int, int] | str | None = None) -> None:
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.native = None if native_variant is None else tuple(native_variant)
-        if self.native is not None and self.native not in native.VARIANTS:
-            raise ValueError(f"no native CSR variant {list(self.native)}; there are "
-                             f"{[list(v) for v in native.VARIANTS]}")
-        self._variant = None if self.native is None else native.VARIANTS.index(self.native)
+        self.native: tuple[int, int] | str | None = (
+            native_variant if native_variant is None or isinstance(native_variant, str) else tuple(native_variant))
+        if self.native is not None and self.native not in (*native.VARIANTS, *self.DIRECT):
+            raise ValueError(f"no native CSR variant {self.native!r} for {type(self).__name__}; there are "
+                             f"{[list(v) for v in native.VARIANTS] + list(self.DIRECT)}")
+        self._variant = native.VARIANTS.index(self.native) if isinstance(self.native, tuple) else None
+
+    DIRECT: tuple[str, ...] = ()   # "direct" where the layer has a native form that is not a product (convs)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         """W_csr @ x^T (+ bias per output row): (out, n) for the layer's input rows ``x`` (n, in). The native kernel
@@ -97,6 +102,8 @@ class _CsrBase(nn.Module):
 
     def form(self) -> str:
         """How the product runs: ``torch``, ``torch tile N`` or ``native VxU``."""
+        if isinstance(self.native, str):
+            return f"native {self.native}"
         if self.native is not None:
             return f"native {self.native[0]}x{self.native[1]}"
         return f"torch tile {self.tile}" if getattr(self, "tile", None) else "torch"
@@ -107,7 +114,7 @@ class CsrLinear(_CsrBase):
     kernel (None: all at once; see the module); ``native``: see :class:`_CsrBase`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tile: int | None = None,
-                 native_variant: tuple[int, int] | None = None) -> None:
+                 native_variant: tuple[int, int] | str | None = None) -> None:
         super().__init__(weight, bias, native_variant)
         if tile is not None and tile < 1:
             raise ValueError(f"a CSR tile must be at least 1 row, got {tile}")
@@ -136,7 +143,7 @@ class CsrLinear(_CsrBase):
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "linear", "shape": list(self.weight.shape), "tile": self.tile,
-                "native": None if self.native is None else list(self.native)}
+                "native": self.native if self.native is None or isinstance(self.native, str) else list(self.native)}
 
 
 class CsrConv2d(_CsrBase):
@@ -144,7 +151,7 @@ class CsrConv2d(_CsrBase):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel_size: tuple[int, int],
                  stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-                 native_variant: tuple[int, int] | None = None) -> None:
+                 native_variant: tuple[int, int] | str | None = None) -> None:
         super().__init__(weight, bias, native_variant)
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
@@ -159,7 +166,13 @@ class CsrConv2d(_CsrBase):
         weight = layer.weight.detach().reshape(layer.out_channels, -1)
         return cls(_to_csr(weight), layer.bias, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
 
+    DIRECT = ("direct",)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native == "direct" and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4:
+            prepared = self._native_weight()
+            if prepared is not None:
+                return prepared.conv2d(x, self.kernel_size, self.stride, self.padding, self.dilation)
         batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
         out_h, out_w = (
             (size + 2 * pad - dil * (k - 1) - 1) // step + 1
@@ -170,14 +183,14 @@ class CsrConv2d(_CsrBase):
         out = self._product(rows.t()).view(-1, batch, out_h * out_w).transpose(0, 1)
         return out.reshape(batch, -1, out_h, out_w)
 
-    def with_native(self, variant: tuple[int, int]) -> CsrConv2d:
-        """This layer (same weight) run by the native kernel's ``variant``."""
+    def with_native(self, variant: tuple[int, int] | str) -> CsrConv2d:
+        """This layer (same weight) run by the native kernel's ``variant``, or its direct convolution ("direct")."""
         return CsrConv2d(self.weight, self.bias, self.kernel_size, self.stride, self.padding, self.dilation, variant)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "conv2d", "shape": list(self.weight.shape), "kernel_size": list(self.kernel_size),
                 "stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation),
-                "native": None if self.native is None else list(self.native)}
+                "native": self.native if self.native is None or isinstance(self.native, str) else list(self.native)}
 
 
 @dataclass
@@ -221,7 +234,7 @@ def _variants(sparse: _CsrBase, x: torch.Tensor) -> list[_CsrBase]:
     linear's input (each of :data:`TILES` smaller than its rows)."""
     forms: list[_CsrBase] = [sparse]
     if x.dtype == torch.float32 and x.device.type == "cpu" and sparse._native_weight() is not None:
-        forms += [sparse.with_native(variant) for variant in native.VARIANTS]
+        forms += [sparse.with_native(variant) for variant in (*native.VARIANTS, *sparse.DIRECT)]
     elif isinstance(sparse, CsrLinear):
         rows = x.numel() // x.shape[-1]
         forms += [CsrLinear(sparse.weight, sparse.bias, tile) for tile in TILES if tile < rows]
@@ -252,9 +265,9 @@ def sparsify(model: nn.Module, example: torch.Tensor, choice: Choice = "auto",
 
     ``auto``: layer by layer in the order the forward reaches them, each is timed on its input from ``example`` (on
     ``example``'s device) *as the model converted so far hands it over* (a CSR layer's output is a transposed view,
-    cheap for a next CSR layer and dear for a dense one), and kept dense unless CSR is faster, a linear's CSR form
-    untiled and in each of :data:`TILES` smaller than its input's rows, the fastest kept; ``sparse`` / ``dense``:
-    every candidate becomes CSR (untiled) / stays dense, untimed. Layers without a zero weight are not candidates;
+    cheap for a next CSR layer and dear for a dense one), and kept dense unless CSR is faster, each CSR form of
+    :func:`_variants` timed and the fastest kept; ``sparse`` / ``dense``: every candidate becomes CSR (the native
+    kernel's default variant where it runs, else torch's, untiled) / stays dense, untimed. Layers without a zero weight are not candidates;
     one the forward never reaches stays as it is. Returns one ``LayerChoice`` per candidate, in module order.
     """
     if choice not in ("auto", "sparse", "dense"):

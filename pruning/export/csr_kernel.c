@@ -1,5 +1,6 @@
-/* y^T = W x^T + b for a CSR weight W (rows x cols, float32 values, int32 indices) and a dense x (n x cols, any
- * strides): the product of a sparse linear layer on the CPU, written for the shapes of inference.
+/* The CPU kernels of exported CSR layers, written for the shapes of inference: y^T = W x^T + b for a CSR weight W
+ * (rows x cols, float32 values, int32 indices) and a dense x (n x cols, any strides), the product of a sparse linear
+ * layer (below), and a direct sparse convolution (at the end of the file).
  *
  * Why by hand: torch's CSR x dense product on the CPU (MKL) streams the whole (cols x n) operand once per row of W;
  * at a serving batch that operand outgrows the cache and the product runs at a tenth of the dense GEMM's multiply
@@ -152,6 +153,91 @@ int sparsetrain_csr_linear_t(const sparsetrain_csr *w, int64_t n, const float *x
             }
         }
         free(buffer);
+    }
+    return failed ? -1 : 0;
+}
+
+static inline int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
+
+/* A direct sparse convolution (groups 1, zero padding): y (batch x rows x out_h x out_w, contiguous) = W * x + bias
+ * for x (batch x channels x height x width, contiguous) and W the CSR of the (rows x channels * kh * kw) weight.
+ * Each kept weight (c, i, j) of output channel o adds its multiple of input plane c, shifted by (i, j), to the output
+ * plane (b, o), which stays in cache while that channel's weights run over it: no unfold, and the output comes out
+ * in the layout the next layer reads. Stride 1: the image's planes are first copied into zero-padded planes of width
+ * wp = width + 2 pw; on that grid a tap's shift is one offset of the flattened plane, so each kept weight is one
+ * multiply-add over out_h * wp contiguous floats (the wp - out_w extra columns of each row are computed and dropped).
+ * Other strides: row by row, over the valid range of each output row. Threads split the images (stride 1) or the
+ * output planes. Returns 0, or -1 when a buffer could not be allocated. */
+static void conv_strided(const sparsetrain_csr *w, int64_t channels, int64_t height, int64_t width, const float *x,
+                         int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                         int64_t dw, int64_t out_h, int64_t out_w, int64_t b, int64_t o, float *out) {
+    const int64_t taps = kh * kw;
+    const float start = w->bias ? w->bias[o] : 0.0f;
+    for (int64_t q = 0; q < out_h * out_w; ++q) out[q] = start;
+    for (int64_t jj = w->crow[o]; jj < w->crow[o + 1]; ++jj) {
+        const int64_t k = w->col[jj], c = k / taps, i = (k % taps) / kw, j = k % kw;
+        const float a = w->val[jj];
+        const float *plane = x + (b * channels + c) * height * width;
+        const int64_t dy = i * dh - ph, dx = j * dw - pw;   /* output (oy, ox) reads input (oy*sh+dy, ox*sw+dx) */
+        const int64_t oy0 = dy < 0 ? ceil_div(-dy, sh) : 0, oy1 = ceil_div(height - dy, sh);
+        const int64_t ox0 = dx < 0 ? ceil_div(-dx, sw) : 0, ox1 = ceil_div(width - dx, sw);
+        const int64_t y_end = oy1 < out_h ? oy1 : out_h, x_end = ox1 < out_w ? ox1 : out_w;
+        for (int64_t oy = oy0; oy < y_end; ++oy) {
+            const float *in = plane + (oy * sh + dy) * width + dx;
+            float *row = out + oy * out_w;
+            for (int64_t ox = ox0; ox < x_end; ++ox) row[ox] += a * in[ox * sw];
+        }
+    }
+}
+
+int sparsetrain_csr_conv2d(const sparsetrain_csr *w, int64_t batch, int64_t channels, int64_t height, int64_t width,
+                           const float *x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                           int64_t dh, int64_t dw, int64_t out_h, int64_t out_w, float *y, int threads) {
+    const int64_t rows = w->rows, taps = kh * kw;
+    int failed = 0;
+    if (sh != 1 || sw != 1) {
+        const int64_t planes = batch * rows;
+#pragma omp parallel for num_threads(threads) if (threads > 1 && planes > 1) schedule(static)
+        for (int64_t p = 0; p < planes; ++p)
+            conv_strided(w, channels, height, width, x, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w, p / rows,
+                         p % rows, y + p * out_h * out_w);
+        return 0;
+    }
+    const int64_t hp = height + 2 * ph, wp = width + 2 * pw;
+    const int64_t plane = hp * wp + (kw - 1) * dw + 1;     /* slack: the dropped columns of the last row read on */
+#pragma omp parallel num_threads(threads) if (threads > 1 && batch > 1)
+    {
+        float *padded = (float *)malloc(sizeof(float) * (size_t)(channels * plane + out_h * wp));
+        float *acc = padded ? padded + channels * plane : NULL;
+        if (!padded) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < batch; ++b) {
+            if (!padded) continue;
+            for (int64_t c = 0; c < channels; ++c) {
+                float *dst = padded + c * plane;
+                const float *src = x + (b * channels + c) * height * width;
+                memset(dst, 0, sizeof(float) * (size_t)plane);
+                for (int64_t r = 0; r < height; ++r)
+                    memcpy(dst + (r + ph) * wp + pw, src + r * width, sizeof(float) * (size_t)width);
+            }
+            for (int64_t o = 0; o < rows; ++o) {
+                const float start = w->bias ? w->bias[o] : 0.0f;
+                const int64_t n = out_h * wp;
+                for (int64_t q = 0; q < n; ++q) acc[q] = start;
+                for (int64_t jj = w->crow[o]; jj < w->crow[o + 1]; ++jj) {
+                    const int64_t k = w->col[jj], c = k / taps, i = (k % taps) / kw, j = k % kw;
+                    const float a = w->val[jj];
+                    const float *in = padded + c * plane + i * dh * wp + j * dw;
+                    for (int64_t q = 0; q < n; ++q) acc[q] += a * in[q];
+                }
+                float *out = y + (b * rows + o) * out_h * out_w;
+                for (int64_t r = 0; r < out_h; ++r) memcpy(out + r * out_w, acc + r * wp, sizeof(float) * (size_t)out_w);
+            }
+        }
+        free(padded);
     }
     return failed ? -1 : 0;
 }

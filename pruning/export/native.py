@@ -102,6 +102,10 @@ def kernel() -> ctypes.CDLL | None:
                 function.restype = ctypes.c_int
                 function.argtypes = [ctypes.POINTER(_Csr), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                conv = lib.sparsetrain_csr_conv2d
+                conv.restype = ctypes.c_int
+                conv.argtypes = ([ctypes.POINTER(_Csr)] + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
+                                 + [ctypes.c_int64] * 10 + [ctypes.c_void_p, ctypes.c_int])
                 if lib.sparsetrain_csr_variants() != len(VARIANTS):
                     lib, reason = None, "csr_kernel.c and native.py disagree on the variants"
         except OSError as err:
@@ -128,6 +132,7 @@ class NativeWeight:
                            None if bias is None else bias.data_ptr())
         self.pointer = ctypes.pointer(self.struct)
         self.function = kernel().sparsetrain_csr_linear_t   # type: ignore[union-attr]
+        self.conv = kernel().sparsetrain_csr_conv2d           # type: ignore[union-attr]
 
     @staticmethod
     def fits(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -143,6 +148,22 @@ class NativeWeight:
         if self.function(self.pointer, x.shape[0], x.data_ptr(), x.stride(0), x.stride(1), out.data_ptr(),
                          variant, torch.get_num_threads()) != 0:
             raise MemoryError("the native CSR kernel could not allocate its tile buffer")
+        return out
+
+
+    def conv2d(self, x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
+               padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+        """The direct sparse convolution of a float32 CPU ``x`` (batch, channels, height, width) with this weight
+        (rows, channels * kh * kw): (batch, rows, out_h, out_w), contiguous."""
+        x = x.contiguous()
+        batch, channels, height, width = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+        out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        out = torch.empty(batch, self.struct.rows, out_h, out_w)
+        if self.conv(self.pointer, batch, channels, height, width, x.data_ptr(), kh, kw, sh, sw, ph, pw, dh, dw,
+                     out_h, out_w, out.data_ptr(), torch.get_num_threads()) != 0:
+            raise MemoryError("the native CSR kernel could not allocate its padded planes")
         return out
 
 
