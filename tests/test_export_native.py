@@ -178,3 +178,14 @@ def test_the_build_is_cached_per_machine(tmp_path, monkeypatch) -> None:
     assert reason == "" and path is not None and path.parent == tmp_path / "native" and path.exists()
     assert native._build(native._compiler())[0] == path                   # second call: the cached file
     assert [p.name for p in (tmp_path / "native").iterdir()] == [path.name]   # no temporary left behind
+
+
+def test_switched_off_by_the_environment(monkeypatch) -> None:
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("SPARSETRAIN_NATIVE", "0")
+    assert native.kernel() is None and native.unavailable_reason() == "SPARSETRAIN_NATIVE=0"
+    layer = _sparse_linear(5, 8, 0.5)
+    sparse = CsrLinear.from_linear(layer).with_native(native.DEFAULT)       # a file exported for it still runs
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), layer(x), atol=1e-5, rtol=0)

@@ -71,16 +71,17 @@ class _CsrBase(nn.Module):
     DIRECT: tuple[str, ...] = ()   # "direct" where the layer has a native form that is not a product (convs)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        """W_csr @ x^T (+ bias per output row): (out, n) for the layer's input rows ``x`` (n, in). The native kernel
-        reads ``x`` with any strides; torch's kernel gets x^T contiguous (a transposed view costs no copy)."""
+        """x W_csr^T (+ bias): (n, out) for the layer's input rows ``x`` (n, in). The native kernel reads ``x`` with
+        any strides and writes the rows contiguous; torch's kernel multiplies W by x^T made contiguous (free when
+        ``x`` is a transposed view) and its result is handed back as a transposed view of (out, n)."""
         if self._variant is not None and x.dtype == torch.float32 and x.device.type == "cpu":
             prepared = self._native_weight()
             if prepared is not None:
-                return prepared.product_t(x, self._variant)
+                return prepared.product(x, self._variant)
         rows = x.t().contiguous()
         if self.bias is None:
-            return torch.sparse.mm(self.weight, rows)
-        return torch.addmm(self.bias.unsqueeze(1), self.weight, rows)
+            return torch.sparse.mm(self.weight, rows).t()
+        return torch.addmm(self.bias.unsqueeze(1), self.weight, rows).t()
 
     def _native_weight(self) -> native.NativeWeight | None:
         """The weight set up for the native kernel (redone when ``.to()`` replaced it); None where it does not fit."""
@@ -126,15 +127,15 @@ class CsrLinear(_CsrBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and (self.native is not None or self.tile is None or x.shape[0] <= self.tile):
-            return self._product(x).t()     # no reshapes: per-call overhead shows at LeNet's size
+            return self._product(x)     # no reshapes: per-call overhead shows at LeNet's size
         rows = x.reshape(-1, x.shape[-1])
         shape = (*x.shape[:-1], self.weight.shape[0])
         if self.native is not None or self.tile is None or rows.shape[0] <= self.tile:
-            return self._product(rows).t().reshape(shape)
+            return self._product(rows).reshape(shape)
         out = rows.new_empty(rows.shape[0], self.weight.shape[0])
         for start in range(0, rows.shape[0], self.tile):
             stop = start + self.tile
-            out[start:stop] = self._product(rows[start:stop]).t()
+            out[start:stop] = self._product(rows[start:stop])
         return out.reshape(shape)
 
     def with_native(self, variant: tuple[int, int]) -> CsrLinear:
@@ -180,7 +181,7 @@ class CsrConv2d(_CsrBase):
                                                self.stride))
         patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)   # (B, C*kh*kw, L)
         rows = patches.transpose(0, 1).reshape(patches.shape[1], -1)                       # (C*kh*kw, B*L)
-        out = self._product(rows.t()).view(-1, batch, out_h * out_w).transpose(0, 1)
+        out = self._product(rows.t()).view(batch, out_h * out_w, -1).transpose(1, 2)
         return out.reshape(batch, -1, out_h, out_w)
 
     def with_native(self, variant: tuple[int, int] | str) -> CsrConv2d:

@@ -1,14 +1,14 @@
-/* The CPU kernels of exported CSR layers, written for the shapes of inference: y^T = W x^T + b for a CSR weight W
+/* The CPU kernels of exported CSR layers, written for the shapes of inference: y = x W^T + b for a CSR weight W
  * (rows x cols, float32 values, int32 indices) and a dense x (n x cols, any strides), the product of a sparse linear
- * layer (below), and a direct sparse convolution (at the end of the file).
+ * layer, and a direct sparse convolution (at the end of the file).
  *
  * Why by hand: torch's CSR x dense product on the CPU (MKL) streams the whole (cols x n) operand once per row of W;
  * at a serving batch that operand outgrows the cache and the product runs at a tenth of the dense GEMM's multiply
  * rate (see docs/performance.md). Here the batch is cut into tiles of BT = 8 * V columns: a tile's slice of x^T
  * (cols x BT floats) stays in cache while every row of W runs over it, and each row keeps its BT sums in V vector
  * registers, U independent sets of them (one per U consecutive non-zeros) so the multiply-adds do not wait on one
- * another. V and U are chosen per layer at export by timing (csr.py). A tile of a row-major x is transposed into a
- * buffer first; a transposed x (the output of a previous such layer) is read in place.
+ * another. V and U are chosen per layer at export by timing (csr.py). A tile of x is transposed into a buffer first,
+ * and the tile's outputs transposed back into y's rows (8 x 8 blocks in registers), so y has nn.Linear's layout.
  *
  * GCC / Clang vector extensions only: the compiler maps an 8-float vector onto AVX, two SSE or two NEON registers.
  * Threads (OpenMP) split the tiles; with one tile (batch up to BT) the product runs on one thread.
@@ -115,10 +115,22 @@ typedef struct {
     const float *val, *bias;
 } sparsetrain_csr;
 
-/* yt (rows x n, contiguous) = W x^T + bias, x(i, c) = x[i * xs_row + c * xs_col]. Returns 0, or -1 when a tile
- * buffer could not be allocated or the variant does not exist (yt is then incomplete). */
-int sparsetrain_csr_linear_t(const sparsetrain_csr *w, int64_t n, const float *x, int64_t xs_row, int64_t xs_col,
-                             float *yt, int variant, int threads) {
+/* z (rows x bt) holds a tile's outputs, one row of W per row; y[(start + k) * rows + r] = z[r * bt + k], k < width. */
+static void store_tile(const float *z, int64_t rows, int64_t bt, int64_t width, float *y) {
+    int64_t r0 = 0;
+#if HAVE_SHUFFLE
+    if (width == bt)
+        for (; r0 + 8 <= rows; r0 += 8)
+            for (int64_t k0 = 0; k0 < bt; k0 += 8) transpose_8x8(z + r0 * bt + k0, bt, y + k0 * rows + r0, rows);
+#endif
+    for (int64_t k = 0; k < width; ++k)
+        for (int64_t r = (width == bt ? r0 : 0); r < rows; ++r) y[k * rows + r] = z[r * bt + k];
+}
+
+/* y (n x rows, contiguous: the layout of nn.Linear's output) = x W^T + bias, x(i, c) = x[i * xs_row + c * xs_col].
+ * Returns 0, or -1 when a tile buffer could not be allocated or the variant does not exist (y is then incomplete). */
+int sparsetrain_csr_linear(const sparsetrain_csr *w, int64_t n, const float *x, int64_t xs_row, int64_t xs_col,
+                           float *y, int variant, int threads) {
     if (variant < 0 || variant >= sparsetrain_csr_variants()) return -1;
     const int64_t rows = w->rows, cols = w->cols;
     const int32_t *crow = w->crow, *col = w->col;
@@ -129,7 +141,7 @@ int sparsetrain_csr_linear_t(const sparsetrain_csr *w, int64_t n, const float *x
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1 && tiles > 1)
     {
-        float *buffer = (float *)malloc(sizeof(float) * (size_t)(cols * bt + bt));
+        float *buffer = (float *)malloc(sizeof(float) * (size_t)((cols + rows) * bt));
         float *z = buffer ? buffer + cols * bt : NULL;
         if (!buffer) {
 #pragma omp atomic write
@@ -139,18 +151,10 @@ int sparsetrain_csr_linear_t(const sparsetrain_csr *w, int64_t n, const float *x
         for (int64_t tile = 0; tile < tiles; ++tile) {
             if (!buffer) continue;
             const int64_t start = tile * bt, width = n - start < bt ? n - start : bt;
-            const float *t = buffer;
-            const int64_t t_stride = bt;
             fill_tile(x, xs_row, xs_col, cols, start, width, bt, buffer);
-            for (int64_t r = 0; r < rows; ++r) {
-                float *out = yt + r * n + start;
-                if (width == bt) {
-                    row(col, val, crow[r], crow[r + 1], t, t_stride, bias ? bias[r] : 0.0f, out);
-                } else {
-                    row(col, val, crow[r], crow[r + 1], t, t_stride, bias ? bias[r] : 0.0f, z);
-                    memcpy(out, z, sizeof(float) * (size_t)width);
-                }
-            }
+            for (int64_t r = 0; r < rows; ++r)
+                row(col, val, crow[r], crow[r + 1], buffer, bt, bias ? bias[r] : 0.0f, z + r * bt);
+            store_tile(z, rows, bt, width, y + start * rows);
         }
         free(buffer);
     }

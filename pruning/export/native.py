@@ -98,7 +98,7 @@ def kernel() -> ctypes.CDLL | None:
             path, reason = _build(compiler)
             if path is not None:
                 lib = ctypes.CDLL(str(path))
-                function = lib.sparsetrain_csr_linear_t
+                function = lib.sparsetrain_csr_linear
                 function.restype = ctypes.c_int
                 function.argtypes = [ctypes.POINTER(_Csr), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
@@ -131,7 +131,7 @@ class NativeWeight:
         self.struct = _Csr(weight.shape[0], weight.shape[1], crow.data_ptr(), col.data_ptr(), values.data_ptr(),
                            None if bias is None else bias.data_ptr())
         self.pointer = ctypes.pointer(self.struct)
-        self.function = kernel().sparsetrain_csr_linear_t   # type: ignore[union-attr]
+        self.function = kernel().sparsetrain_csr_linear   # type: ignore[union-attr]
         self.conv = kernel().sparsetrain_csr_conv2d           # type: ignore[union-attr]
 
     @staticmethod
@@ -142,14 +142,13 @@ class NativeWeight:
                 and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"))
                 and kernel() is not None)
 
-    def product_t(self, x: torch.Tensor, variant: int) -> torch.Tensor:
-        """``weight @ x.T + bias[:, None]``, (rows, n) contiguous, for a float32 CPU ``x`` (n, cols), any strides."""
-        out = torch.empty(self.struct.rows, x.shape[0])
+    def product(self, x: torch.Tensor, variant: int) -> torch.Tensor:
+        """``x @ weight.T + bias``, (n, rows) contiguous, for a float32 CPU ``x`` (n, cols) of any strides."""
+        out = torch.empty(x.shape[0], self.struct.rows)
         if self.function(self.pointer, x.shape[0], x.data_ptr(), x.stride(0), x.stride(1), out.data_ptr(),
                          variant, torch.get_num_threads()) != 0:
             raise MemoryError("the native CSR kernel could not allocate its tile buffer")
         return out
-
 
     def conv2d(self, x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
                padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
@@ -167,10 +166,10 @@ class NativeWeight:
         return out
 
 
-def csr_linear_t(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, variant: int) -> torch.Tensor:
-    """``(weight @ x.T + bias[:, None])``, (rows, n) contiguous, for a 2-D float32 CPU ``x`` (n, cols) of any strides
-    (a one-off call; layers keep a :class:`NativeWeight`)."""
+def csr_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, variant: int) -> torch.Tensor:
+    """``x @ weight.T + bias``, (n, rows) contiguous, for a 2-D float32 CPU ``x`` (n, cols) of any strides (a one-off
+    call; layers keep a :class:`NativeWeight`)."""
     if not NativeWeight.fits(weight, bias):
         raise RuntimeError("the native CSR kernel is unavailable or does not take this weight "
                            f"({unavailable_reason() or 'it needs float32 values and int32 indices on the CPU'})")
-    return NativeWeight(weight, bias).product_t(x, variant)
+    return NativeWeight(weight, bias).product(x, variant)
