@@ -150,9 +150,11 @@ def export(path: str, fmt: str, out: str | None = None, overrides: list[str] | N
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Entry point of ``python -m launcher export``."""
+    for flag, value in (("--threads", args.threads), ("--timing-batch", args.timing_batch),
+                        ("--serving-batch", args.serving_batch), ("--rounds", args.rounds)):
+        if value is not None and value < 1:
+            return fail("export", f"{flag} must be at least 1, got {value}")
     if args.threads is not None:
-        if args.threads < 1:
-            return fail("export", f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     try:
         result = export(args.checkpoint, args.format, args.out, list(args.overrides), args.device,

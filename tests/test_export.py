@@ -226,3 +226,7 @@ def test_the_command_and_its_one_line_errors(runs: dict[str, Path], tmp_path: Pa
     assert status == 2 and err.strip().startswith("export error:") and len(err.strip().splitlines()) == 1
     status, _, err = cli(str(runs["magnitude"]), "--format", "hashed", "--out", str(tmp_path / "h"))
     assert status == 2 and "needs a HashedNet run" in err and len(err.strip().splitlines()) == 1
+    for flag in ("--timing-batch", "--serving-batch", "--rounds", "--threads"):
+        status, _, err = cli(str(runs["magnitude"]), "--format", "csr", flag, "0", "--out", str(tmp_path / "z"))
+        assert (status, err.strip()) == (2, f"export error: {flag} must be at least 1, got 0")
+    assert not (tmp_path / "z").exists()
