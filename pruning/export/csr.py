@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pruning.export import native
+import pruning.export.native as native
 
 Choice = Literal["auto", "sparse", "dense"]
 
@@ -102,7 +102,7 @@ class _CsrBase(nn.Module):
         return int(self.weight.values().numel())
 
     def form(self) -> str:
-        """How the product runs: ``torch``, ``torch tile N`` or ``native VxU``."""
+        """How the layer runs: ``torch``, ``torch tile N``, ``native VxU`` or ``native direct``."""
         if isinstance(self.native, str):
             return f"native {self.native}"
         if self.native is not None:

@@ -1,5 +1,5 @@
-"""The hand-written CSR linear kernel (``csr_kernel.c``): built on first use with the machine's C compiler, cached,
-and called through ctypes.
+"""The project's CSR kernels (``csr_kernel.c``: a sparse linear product and a direct sparse convolution): built on
+first use with the machine's C compiler, cached, and called through ctypes.
 
 Why ctypes and a plain C file rather than a torch C++ extension: the file includes nothing from torch, so it builds
 in about a second with any C compiler (a torch extension takes most of a minute to compile its headers), and the
@@ -132,7 +132,7 @@ class NativeWeight:
                            None if bias is None else bias.data_ptr())
         self.pointer = ctypes.pointer(self.struct)
         self.function = kernel().sparsetrain_csr_linear   # type: ignore[union-attr]
-        self.conv = kernel().sparsetrain_csr_conv2d           # type: ignore[union-attr]
+        self.conv = kernel().sparsetrain_csr_conv2d       # type: ignore[union-attr]
 
     @staticmethod
     def fits(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
