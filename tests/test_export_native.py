@@ -113,6 +113,19 @@ def test_a_direct_conv_reloads() -> None:
         assert loaded[0].form() == "native direct" and torch.equal(loaded(x), model(x))
 
 
+@pytest.mark.parametrize("options", [dict(stride=2, padding=1), dict(stride=2, padding=0), dict(stride=(1, 2), padding=2),
+                                     dict(stride=2, padding=1, dilation=2), dict(stride=3, padding=1)])
+def test_direct_conv_on_wide_rows(options: dict) -> None:
+    """Rows of 37 pixels: the stride-2 phases are split 16 pixels at a time in registers, the rest one by one."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 6, 3, **options)
+    with torch.no_grad():
+        conv.weight.mul_((torch.rand_like(conv.weight) < 0.3).float())
+    x = torch.randn(3, 4, 20, 37)
+    with torch.no_grad():
+        torch.testing.assert_close(CsrConv2d.from_conv(conv).with_native("direct")(x), conv(x), atol=1e-5, rtol=0)
+
+
 def test_direct_conv_by_hand() -> None:
     conv = nn.Conv2d(1, 2, 3, padding=1, bias=True)
     with torch.no_grad():

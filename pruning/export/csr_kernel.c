@@ -167,81 +167,80 @@ static inline int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 
  * for x (batch x channels x height x width, contiguous) and W the CSR of the (rows x channels * kh * kw) weight.
  * Each kept weight (c, i, j) of output channel o adds its multiple of input plane c, shifted by (i, j), to the output
  * plane (b, o), which stays in cache while that channel's weights run over it: no unfold, and the output comes out
- * in the layout the next layer reads. Stride 1: the image's planes are first copied into zero-padded planes of width
- * wp = width + 2 pw; on that grid a tap's shift is one offset of the flattened plane, so each kept weight is one
- * multiply-add over out_h * wp contiguous floats (the wp - out_w extra columns of each row are computed and dropped).
- * Other strides: row by row, over the valid range of each output row. Threads split the images (stride 1) or the
- * output planes. Returns 0, or -1 when a buffer could not be allocated. */
-static void conv_strided(const sparsetrain_csr *w, int64_t channels, int64_t height, int64_t width, const float *x,
-                         int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                         int64_t dw, int64_t out_h, int64_t out_w, int64_t b, int64_t o, float *out) {
-    const int64_t taps = kh * kw;
-    const float start = w->bias ? w->bias[o] : 0.0f;
-    for (int64_t q = 0; q < out_h * out_w; ++q) out[q] = start;
-    for (int64_t jj = w->crow[o]; jj < w->crow[o + 1]; ++jj) {
-        const int64_t k = w->col[jj], c = k / taps, i = (k % taps) / kw, j = k % kw;
-        const float a = w->val[jj];
-        const float *plane = x + (b * channels + c) * height * width;
-        const int64_t dy = i * dh - ph, dx = j * dw - pw;   /* output (oy, ox) reads input (oy*sh+dy, ox*sw+dx) */
-        const int64_t oy0 = dy < 0 ? ceil_div(-dy, sh) : 0, oy1 = ceil_div(height - dy, sh);
-        const int64_t ox0 = dx < 0 ? ceil_div(-dx, sw) : 0, ox1 = ceil_div(width - dx, sw);
-        const int64_t y_end = oy1 < out_h ? oy1 : out_h, x_end = ox1 < out_w ? ox1 : out_w;
-        for (int64_t oy = oy0; oy < y_end; ++oy) {
-            const float *in = plane + (oy * sh + dy) * width + dx;
-            float *row = out + oy * out_w;
-            for (int64_t ox = ox0; ox < x_end; ++ox) row[ox] += a * in[ox * sw];
-        }
-    }
-}
-
+ * in the layout the next layer reads.
+ *
+ * Per image, each input plane is first copied, zero-padded, into sh x sw phase planes of hq x wq: phase (ri, rj)
+ * holds the padded pixels (y * sh + ri, x * sw + rj). A tap at padded offset (i dh, j dw) = (qi sh + ri, qj sw + rj)
+ * then reads phase (ri, rj) shifted by (qi, qj) with stride 1, and on the flattened phase plane a shift is one
+ * offset: each kept weight is one multiply-add over out_h * wq contiguous floats (the wq - out_w extra columns of
+ * each output row are computed and dropped). With stride 1 there is one phase, the padded plane itself. Threads split
+ * the images. Returns 0, or -1 when a buffer could not be allocated. */
 int sparsetrain_csr_conv2d(const sparsetrain_csr *w, int64_t batch, int64_t channels, int64_t height, int64_t width,
                            const float *x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                            int64_t dh, int64_t dw, int64_t out_h, int64_t out_w, float *y, int threads) {
     const int64_t rows = w->rows, taps = kh * kw;
+    const int64_t hq = ceil_div(height + 2 * ph, sh), wq = ceil_div(width + 2 * pw, sw);
+    const int64_t plane = (hq + 1) * wq;                  /* + one row: the dropped columns of the last row read on */
+    const int64_t phases = sh * sw;
     int failed = 0;
-    if (sh != 1 || sw != 1) {
-        const int64_t planes = batch * rows;
-#pragma omp parallel for num_threads(threads) if (threads > 1 && planes > 1) schedule(static)
-        for (int64_t p = 0; p < planes; ++p)
-            conv_strided(w, channels, height, width, x, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w, p / rows,
-                         p % rows, y + p * out_h * out_w);
-        return 0;
-    }
-    const int64_t hp = height + 2 * ph, wp = width + 2 * pw;
-    const int64_t plane = hp * wp + (kw - 1) * dw + 1;     /* slack: the dropped columns of the last row read on */
 #pragma omp parallel num_threads(threads) if (threads > 1 && batch > 1)
     {
-        float *padded = (float *)malloc(sizeof(float) * (size_t)(channels * plane + out_h * wp));
-        float *acc = padded ? padded + channels * plane : NULL;
-        if (!padded) {
+        float *planes = (float *)malloc(sizeof(float) * (size_t)(channels * phases * plane + out_h * wq));
+        float *acc = planes ? planes + channels * phases * plane : NULL;
+        if (!planes) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < batch; ++b) {
-            if (!padded) continue;
+            if (!planes) continue;
+            memset(planes, 0, sizeof(float) * (size_t)(channels * phases * plane));
             for (int64_t c = 0; c < channels; ++c) {
-                float *dst = padded + c * plane;
                 const float *src = x + (b * channels + c) * height * width;
-                memset(dst, 0, sizeof(float) * (size_t)plane);
-                for (int64_t r = 0; r < height; ++r)
-                    memcpy(dst + (r + ph) * wp + pw, src + r * width, sizeof(float) * (size_t)width);
+                for (int64_t r = 0; r < height; ++r) {          /* input row r is padded row r + ph */
+                    const int64_t yp = r + ph, ri = yp % sh, yq = yp / sh;
+                    if (sw == 1) {
+                        memcpy(planes + (c * phases + ri) * plane + yq * wq + pw, src + r * width,
+                               sizeof(float) * (size_t)width);
+                        continue;
+                    }
+                    int64_t q = 0;
+#if HAVE_SHUFFLE
+                    if (sw == 2)                         /* 16 pixels split into their two phases in registers */
+                        for (; q + 16 <= width; q += 16) {
+                            const v8 lo = *(const v8u *)(src + r * width + q);
+                            const v8 hi = *(const v8u *)(src + r * width + q + 8);
+                            for (int64_t half = 0; half < 2; ++half) {
+                                const int64_t xp = q + pw + half;
+                                float *dst = planes + (c * phases + ri * sw + xp % 2) * plane + yq * wq + xp / 2;
+                                *(v8u *)dst = half ? __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15)
+                                                   : __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14);
+                            }
+                        }
+#endif
+                    for (; q < width; ++q) {
+                        const int64_t xp = q + pw;
+                        planes[(c * phases + ri * sw + xp % sw) * plane + yq * wq + xp / sw] = src[r * width + q];
+                    }
+                }
             }
             for (int64_t o = 0; o < rows; ++o) {
                 const float start = w->bias ? w->bias[o] : 0.0f;
-                const int64_t n = out_h * wp;
+                const int64_t n = out_h * wq;
                 for (int64_t q = 0; q < n; ++q) acc[q] = start;
                 for (int64_t jj = w->crow[o]; jj < w->crow[o + 1]; ++jj) {
                     const int64_t k = w->col[jj], c = k / taps, i = (k % taps) / kw, j = k % kw;
+                    const int64_t oi = i * dh, oj = j * dw;
                     const float a = w->val[jj];
-                    const float *in = padded + c * plane + i * dh * wp + j * dw;
+                    const float *in = planes + (c * phases + (oi % sh) * sw + oj % sw) * plane + (oi / sh) * wq
+                                      + oj / sw;
                     for (int64_t q = 0; q < n; ++q) acc[q] += a * in[q];
                 }
                 float *out = y + (b * rows + o) * out_h * out_w;
-                for (int64_t r = 0; r < out_h; ++r) memcpy(out + r * out_w, acc + r * wp, sizeof(float) * (size_t)out_w);
+                for (int64_t r = 0; r < out_h; ++r) memcpy(out + r * out_w, acc + r * wq, sizeof(float) * (size_t)out_w);
             }
         }
-        free(padded);
+        free(planes);
     }
     return failed ? -1 : 0;
 }
