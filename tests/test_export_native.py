@@ -113,7 +113,8 @@ def test_a_direct_conv_reloads() -> None:
         assert loaded[0].form() == "native direct" and torch.equal(loaded(x), model(x))
 
 
-@pytest.mark.parametrize("options", [dict(stride=2, padding=1), dict(stride=2, padding=0), dict(stride=(1, 2), padding=2),
+@pytest.mark.parametrize("options", [dict(stride=2, padding=1), dict(stride=2, padding=0),
+                                     dict(stride=(1, 2), padding=2),
                                      dict(stride=2, padding=1, dilation=2), dict(stride=3, padding=1)])
 def test_direct_conv_on_wide_rows(options: dict) -> None:
     """Rows of 37 pixels: the stride-2 phases are split 16 pixels at a time in registers, the rest one by one."""

@@ -56,6 +56,8 @@ class _CsrBase(nn.Module):
     multiplies: torch's, or the hand-written one (``native``: its (V, U), see ``csr_kernel.c``), which runs where it
     is built and the operand is a float32 CPU tensor, torch's kernel otherwise."""
 
+    DIRECT: tuple[str, ...] = ()   # "direct" where the layer has a native form that is not a product (convs)
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
                  native_variant: tuple[int, int] | str | None = None) -> None:
         super().__init__()
@@ -68,7 +70,9 @@ class _CsrBase(nn.Module):
                              f"{[list(v) for v in native.VARIANTS] + list(self.DIRECT)}")
         self._variant = native.VARIANTS.index(self.native) if isinstance(self.native, tuple) else None
 
-    DIRECT: tuple[str, ...] = ()   # "direct" where the layer has a native form that is not a product (convs)
+    def _native_spec(self) -> list[int] | str | None:
+        """``native`` as the manifest stores it (JSON: a list for a (V, U) variant)."""
+        return list(self.native) if isinstance(self.native, tuple) else self.native
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         """x W_csr^T (+ bias): (n, out) for the layer's input rows ``x`` (n, in). The native kernel reads ``x`` with
@@ -126,17 +130,14 @@ class CsrLinear(_CsrBase):
         return cls(_to_csr(layer.weight), layer.bias, tile)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and (self.native is not None or self.tile is None or x.shape[0] <= self.tile):
-            return self._product(x)     # no reshapes: per-call overhead shows at LeNet's size
-        rows = x.reshape(-1, x.shape[-1])
-        shape = (*x.shape[:-1], self.weight.shape[0])
-        if self.native is not None or self.tile is None or rows.shape[0] <= self.tile:
-            return self._product(rows).reshape(shape)
-        out = rows.new_empty(rows.shape[0], self.weight.shape[0])
-        for start in range(0, rows.shape[0], self.tile):
-            stop = start + self.tile
-            out[start:stop] = self._product(rows[start:stop])
-        return out.reshape(shape)
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])   # 2-D: no reshapes (call overhead shows on LeNet)
+        if self.native is None and self.tile is not None and rows.shape[0] > self.tile:
+            out = rows.new_empty(rows.shape[0], self.weight.shape[0])
+            for start in range(0, rows.shape[0], self.tile):
+                out[start:start + self.tile] = self._product(rows[start:start + self.tile])
+        else:
+            out = self._product(rows)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.weight.shape[0])
 
     def with_native(self, variant: tuple[int, int]) -> CsrLinear:
         """This layer (same weight) run by the native kernel's ``variant``."""
@@ -144,7 +145,7 @@ class CsrLinear(_CsrBase):
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "linear", "shape": list(self.weight.shape), "tile": self.tile,
-                "native": self.native if self.native is None or isinstance(self.native, str) else list(self.native)}
+                "native": self._native_spec()}
 
 
 class CsrConv2d(_CsrBase):
@@ -191,7 +192,7 @@ class CsrConv2d(_CsrBase):
     def spec(self) -> dict[str, Any]:
         return {"kind": "conv2d", "shape": list(self.weight.shape), "kernel_size": list(self.kernel_size),
                 "stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation),
-                "native": self.native if self.native is None or isinstance(self.native, str) else list(self.native)}
+                "native": self._native_spec()}
 
 
 @dataclass
@@ -268,8 +269,9 @@ def sparsify(model: nn.Module, example: torch.Tensor, choice: Choice = "auto",
     ``example``'s device) *as the model converted so far hands it over* (a CSR layer's output is a transposed view,
     cheap for a next CSR layer and dear for a dense one), and kept dense unless CSR is faster, each CSR form of
     :func:`_variants` timed and the fastest kept; ``sparse`` / ``dense``: every candidate becomes CSR (the native
-    kernel's default variant where it runs, else torch's, untiled) / stays dense, untimed. Layers without a zero weight are not candidates;
-    one the forward never reaches stays as it is. Returns one ``LayerChoice`` per candidate, in module order.
+    kernel's default variant where it runs, else torch's, untiled) / stays dense, untimed. Layers without a zero
+    weight are not candidates; one the forward never reaches stays as it is. Returns one ``LayerChoice`` per
+    candidate, in module order.
     """
     if choice not in ("auto", "sparse", "dense"):
         raise ValueError(f"choice must be auto, sparse or dense, got {choice!r}")

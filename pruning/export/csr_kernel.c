@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }   /* a >= 0, b > 0 */
+
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));   /* unaligned loads and stores */
 
@@ -81,7 +83,7 @@ static void fill_tile(const float *x, int64_t xs_row, int64_t xs_col, int64_t co
                       int64_t bt, float *buffer) {
     const float *xs = x + start * xs_row;
     int64_t c0 = 0;
-    if (xs_row == 1 && width == bt) {      /* x^T contiguous along the batch (a previous layer's output): copy */
+    if (xs_row == 1 && width == bt) {      /* x^T contiguous along the batch (a transposed view): copy */
         for (int64_t c = 0; c < cols; ++c) memcpy(buffer + c * bt, xs + c * xs_col, sizeof(float) * (size_t)bt);
         return;
     }
@@ -137,7 +139,7 @@ int sparsetrain_csr_linear(const sparsetrain_csr *w, int64_t n, const float *x, 
     const float *val = w->val, *bias = w->bias;
     const row_fn row = ROW_FNS[variant];
     const int64_t bt = 8 * (int64_t)ROW_V[variant];
-    const int64_t tiles = (n + bt - 1) / bt;
+    const int64_t tiles = ceil_div(n, bt);
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1 && tiles > 1)
     {
@@ -160,8 +162,6 @@ int sparsetrain_csr_linear(const sparsetrain_csr *w, int64_t n, const float *x, 
     }
     return failed ? -1 : 0;
 }
-
-static inline int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
 
 /* A direct sparse convolution (groups 1, zero padding): y (batch x rows x out_h x out_w, contiguous) = W * x + bias
  * for x (batch x channels x height x width, contiguous) and W the CSR of the (rows x channels * kh * kw) weight.
@@ -237,7 +237,8 @@ int sparsetrain_csr_conv2d(const sparsetrain_csr *w, int64_t batch, int64_t chan
                     for (int64_t q = 0; q < n; ++q) acc[q] += a * in[q];
                 }
                 float *out = y + (b * rows + o) * out_h * out_w;
-                for (int64_t r = 0; r < out_h; ++r) memcpy(out + r * out_w, acc + r * wq, sizeof(float) * (size_t)out_w);
+                for (int64_t r = 0; r < out_h; ++r)
+                    memcpy(out + r * out_w, acc + r * wq, sizeof(float) * (size_t)out_w);
             }
         }
         free(planes);

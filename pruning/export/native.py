@@ -124,7 +124,6 @@ class NativeWeight:
     ctypes call: at batch 1 the per-call overhead is most of a small layer's time."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.weight = weight
         self.parts = (weight.crow_indices(), weight.col_indices(), weight.values(),
                       None if bias is None else bias.contiguous())     # kept alive: the struct points into them
         crow, col, values, bias = self.parts
@@ -164,12 +163,3 @@ class NativeWeight:
                      out_h, out_w, out.data_ptr(), torch.get_num_threads()) != 0:
             raise MemoryError("the native CSR kernel could not allocate its padded planes")
         return out
-
-
-def csr_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, variant: int) -> torch.Tensor:
-    """``x @ weight.T + bias``, (n, rows) contiguous, for a 2-D float32 CPU ``x`` (n, cols) of any strides (a one-off
-    call; layers keep a :class:`NativeWeight`)."""
-    if not NativeWeight.fits(weight, bias):
-        raise RuntimeError("the native CSR kernel is unavailable or does not take this weight "
-                           f"({unavailable_reason() or 'it needs float32 values and int32 indices on the CPU'})")
-    return NativeWeight(weight, bias).product(x, variant)
