@@ -48,7 +48,9 @@ def _to_csr(weight: torch.Tensor) -> torch.Tensor:
 
 def _csr_from(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """A CSR tensor from stored components, with torch's invariant checks on (the file is data, not trusted code)."""
-    return torch.sparse_csr_tensor(crow, col, values, tuple(shape), check_invariants=True)
+    with warnings.catch_warnings():          # torch's "sparse CSR support is in beta" notice, once per layer
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, tuple(shape), check_invariants=True)
 
 
 class _CsrBase(nn.Module):
